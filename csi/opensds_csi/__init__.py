@@ -1,0 +1,1 @@
+"""OpenSDS CSI plugin (block.csi.opensds.io): identity, controller and node services."""

@@ -1,0 +1,1 @@
+"""Generated CSI gRPC stubs (make proto); do not edit."""

@@ -1,0 +1,1 @@
+"""OpenSDS for Kubernetes: the operator (scheduler, profile sync) and the dock (backend drivers)."""

@@ -1,0 +1,36 @@
+"""Names of our API: group, version, resources, finalizers, condition types."""
+from __future__ import annotations
+
+GROUP = "opensds.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+BACKENDS = "storagebackends"
+PROFILES = "storageprofiles"
+VOLUMES = "volumes"
+SNAPSHOTS = "snapshots"
+
+CSI_DRIVER_NAME = "block.csi.opensds.io"
+PROFILE_LABEL = "opensds.io/profile"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "opensds-operator"
+
+# Volume phases (status.phase)
+PENDING, CREATING, AVAILABLE, EXPANDING, DELETING, ERROR = (
+    "Pending", "Creating", "Available", "Expanding", "Deleting", "Error",
+)
+TRANSITIONAL_PHASES = frozenset({PENDING, CREATING, EXPANDING, DELETING})
+
+# Condition types
+READY = "Ready"
+SCHEDULED = "Scheduled"
+IN_USE = "InUse"
+
+
+def volume_backend_id(uid: str) -> str:
+    """Backend name of a Volume: derived from its UID so a retry finds an earlier attempt's object."""
+    return f"vol-{uid}"
+
+
+def snapshot_backend_id(uid: str) -> str:
+    return f"snap-{uid}"

@@ -1,0 +1,78 @@
+"""The one small interface every backend driver implements.
+
+Every call is idempotent and keyed by names derived from CR UIDs (vol-<uid>, snap-<uid>):
+creating what already exists returns it, deleting what is gone succeeds. That is what
+makes a dock safe to kill at any point and re-run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..scheduler import Capabilities
+
+
+class DriverError(Exception):
+    """A backend failure that may pass on retry (I/O error, busy device, lost connection)."""
+
+
+class PermanentDriverError(DriverError):
+    """A failure that needs a human: bad parameters, unsupported operation, impossible request."""
+
+
+class NotFound(PermanentDriverError):
+    """The named source volume or snapshot does not exist on the backend."""
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    name: str
+    total_bytes: int
+    free_bytes: int
+    provisioned_bytes: int
+    capabilities: Capabilities
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    backend_id: str
+    size_bytes: int
+    allocated_bytes: int
+    path: str = ""  # local device or file when the backend is node-local
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    backend_id: str
+    size_bytes: int
+    created_at: str  # RFC 3339
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "Snapshot" or "Volume"
+    backend_id: str
+
+
+class Driver(Protocol):
+    name: str
+
+    def pools(self) -> list[PoolStats]: ...
+
+    def create_volume(
+        self, backend_id: str, pool: str, size_bytes: int, thin: bool, source: Source | None = None
+    ) -> VolumeInfo: ...
+
+    def delete_volume(self, backend_id: str, pool: str) -> None: ...
+
+    def extend_volume(self, backend_id: str, pool: str, size_bytes: int) -> VolumeInfo: ...
+
+    def get_volume(self, backend_id: str, pool: str) -> VolumeInfo | None: ...
+
+    def create_snapshot(self, backend_id: str, pool: str, volume_id: str) -> SnapshotInfo: ...
+
+    def delete_snapshot(self, backend_id: str, pool: str) -> None: ...
+
+    def list_objects(self, pool: str) -> list[str]:
+        """Backend ids of every volume and snapshot in the pool (for leak checks and GC)."""
+        ...

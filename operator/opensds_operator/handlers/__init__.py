@@ -1,0 +1,1 @@
+"""kopf handlers: thin adapters from API events to the reconcile functions."""

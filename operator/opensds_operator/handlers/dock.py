@@ -1,0 +1,239 @@
+"""Dock handlers: the only writer of one StorageBackend (DESIGN.md invariant 1).
+
+Built per process by `build_registry(backend, driver)`: the handlers only see Volumes whose
+spec.backend names this backend and Snapshots labelled with it. Every reconcile re-reads
+the backend first and creates only what is missing, so a dock killed at any point
+finishes the job after a restart (kopf `resume` handlers) without leaking or duplicating.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from .. import kube
+from ..api import (
+    AVAILABLE,
+    BACKENDS,
+    CREATING,
+    DELETING,
+    ERROR,
+    EXPANDING,
+    GROUP,
+    PROFILES,
+    READY,
+    SNAPSHOTS,
+    VERSION,
+    VOLUMES,
+    snapshot_backend_id,
+    volume_backend_id,
+)
+from ..conditions import now, set_condition
+from ..drivers.base import Driver, DriverError, PermanentDriverError, Source
+from ..quantity import format_bytes, parse_bytes
+from .operator import BACKEND_LABEL
+
+log = logging.getLogger(__name__)
+
+
+class Dock:
+    def __init__(self, backend: str, driver: Driver) -> None:
+        self.backend = backend
+        self.driver = driver
+
+    # ------------------------------------------------------------ capacity
+
+    def publish_capacity(self) -> None:
+        obj = kube.get(BACKENDS, self.backend)
+        if obj is None:
+            return
+        conditions = (obj.get("status") or {}).get("conditions")
+        try:
+            pools = self.driver.pools()
+        except (DriverError, OSError) as e:
+            kube.patch_status(BACKENDS, self.backend, {
+                "lastProbeTime": now(),
+                "conditions": set_condition(conditions, READY, False, "ProbeFailed", str(e)),
+            })
+            return
+        kube.patch_status(BACKENDS, self.backend, {
+            "observedGeneration": obj["metadata"].get("generation"),
+            "lastProbeTime": now(),
+            "poolCount": len(pools),
+            "freeHuman": format_bytes(sum(p.free_bytes for p in pools)),
+            "pools": [{
+                "name": p.name,
+                "totalBytes": p.total_bytes,
+                "freeBytes": p.free_bytes,
+                "provisionedBytes": p.provisioned_bytes,
+                "capabilities": p.capabilities.to_status(),
+                "topology": dict(obj["spec"].get("topology", {}) or {}),
+            } for p in pools],
+            "conditions": set_condition(conditions, READY, True, "DockServing",
+                                        f"dock serving {len(pools)} pool(s) with driver {self.driver.name}"),
+        })
+
+    # ------------------------------------------------------------ volumes
+
+    def _fail(self, plural: str, body: kopf.Body, error: Exception, phase: str | None = ERROR) -> None:
+        meta = body["metadata"]
+        status = dict(body.get("status") or {})
+        message = str(error)
+        patch: dict[str, Any] = {"conditions": set_condition(
+            status.get("conditions"), READY, False, type(error).__name__, message, meta.get("generation"))}
+        if phase:
+            patch["phase"] = phase
+        kube.patch_status(plural, meta["name"], patch, meta["namespace"])
+        kube.post_event(dict(body), "BackendError", message, warning=True, component="opensds-dock")
+
+    def _source(self, namespace: str, source: dict[str, Any]) -> Source:
+        if source["kind"] == "Snapshot":
+            snap = kube.get(SNAPSHOTS, source["name"], namespace)
+            if snap is None or not (snap.get("status") or {}).get("readyToUse"):
+                raise kopf.TemporaryError(f"source Snapshot {source['name']} is not ready yet", delay=3)
+            return Source("Snapshot", snapshot_backend_id(snap["metadata"]["uid"]))
+        vol = kube.get(VOLUMES, source["name"], namespace)
+        if vol is None or (vol.get("status") or {}).get("phase") != AVAILABLE:
+            raise kopf.TemporaryError(f"source Volume {source['name']} is not Available yet", delay=3)
+        return Source("Volume", volume_backend_id(vol["metadata"]["uid"]))
+
+    def reconcile_volume(self, body: kopf.Body) -> None:
+        meta, spec = body["metadata"], body["spec"]
+        name, namespace = meta["name"], meta["namespace"]
+        backend_id, pool = volume_backend_id(meta["uid"]), spec["pool"]
+        size = parse_bytes(spec["size"])
+        status = dict(body.get("status") or {})
+        try:
+            info = self.driver.get_volume(backend_id, pool)
+            if info is None:
+                kube.patch_status(VOLUMES, name, {"phase": CREATING, "backendVolumeID": backend_id}, namespace)
+                source = self._source(namespace, dict(spec["source"])) if spec.get("source") else None
+                profile = kube.get(PROFILES, spec["profile"]) or {}
+                thin = (profile.get("spec", {}).get("provisioning", {}) or {}).get("type", "thin") == "thin"
+                info = self.driver.create_volume(backend_id, pool, size, thin, source)
+                event = ("Created", f"created {backend_id} ({format_bytes(info.size_bytes)}) in {self.backend}/{pool}")
+            elif info.size_bytes < size:
+                kube.patch_status(VOLUMES, name, {"phase": EXPANDING}, namespace)
+                info = self.driver.extend_volume(backend_id, pool, size)
+                event = ("Expanded", f"expanded {backend_id} to {format_bytes(info.size_bytes)}")
+            else:
+                event = None
+        except PermanentDriverError as e:
+            self._fail(VOLUMES, body, e)
+            raise kopf.PermanentError(str(e)) from e
+        except (DriverError, OSError) as e:
+            self._fail(VOLUMES, body, e, phase=None)
+            raise kopf.TemporaryError(str(e), delay=10) from e
+        kube.patch_status(VOLUMES, name, {
+            "phase": AVAILABLE,
+            "backendVolumeID": backend_id,
+            "capacityBytes": info.size_bytes,
+            "devicePath": info.path or None,
+            "observedGeneration": meta.get("generation"),
+            "conditions": set_condition(status.get("conditions"), READY, True, "Available",
+                                        f"{format_bytes(info.size_bytes)} in {self.backend}/{pool}",
+                                        meta.get("generation")),
+        }, namespace)
+        if event:
+            kube.post_event(dict(body), *event, component="opensds-dock")
+            self.publish_capacity()
+
+    def delete_volume(self, body: kopf.Body) -> None:
+        meta, spec = body["metadata"], body["spec"]
+        kube.patch_status(VOLUMES, meta["name"], {"phase": DELETING}, meta["namespace"])
+        backend_id = volume_backend_id(meta["uid"])
+        if spec.get("reclaimPolicy") == "Retain":
+            kube.post_event(dict(body), "Retained", f"{backend_id} kept on {self.backend} (reclaimPolicy Retain)",
+                            component="opensds-dock")
+            return
+        try:
+            self.driver.delete_volume(backend_id, spec["pool"])
+        except (DriverError, OSError) as e:
+            self._fail(VOLUMES, body, e, phase=None)
+            raise kopf.TemporaryError(str(e), delay=10) from e
+        self.publish_capacity()
+
+    # ------------------------------------------------------------ snapshots
+
+    def reconcile_snapshot(self, body: kopf.Body) -> None:
+        meta, spec = body["metadata"], body["spec"]
+        namespace = meta["namespace"]
+        pool = meta["labels"]["opensds.io/pool"]
+        volume = kube.get(VOLUMES, spec["volumeName"], namespace)
+        if volume is None:
+            raise kopf.TemporaryError(f"Volume {spec['volumeName']} is gone", delay=10)
+        if (volume.get("status") or {}).get("phase") not in (AVAILABLE, EXPANDING):
+            raise kopf.TemporaryError(f"Volume {spec['volumeName']} is not Available yet", delay=3)
+        snap_id = snapshot_backend_id(meta["uid"])
+        try:
+            info = self.driver.create_snapshot(snap_id, pool, volume_backend_id(volume["metadata"]["uid"]))
+        except PermanentDriverError as e:
+            self._fail(SNAPSHOTS, body, e, phase=None)
+            raise kopf.PermanentError(str(e)) from e
+        except (DriverError, OSError) as e:
+            self._fail(SNAPSHOTS, body, e, phase=None)
+            raise kopf.TemporaryError(str(e), delay=10) from e
+        already = (body.get("status") or {}).get("readyToUse")
+        kube.patch_status(SNAPSHOTS, meta["name"], {
+            "readyToUse": True,
+            "sizeBytes": info.size_bytes,
+            "creationTime": info.created_at,
+            "backendSnapshotID": snap_id,
+            "backend": self.backend,
+            "pool": pool,
+            "observedGeneration": meta.get("generation"),
+            "conditions": set_condition((body.get("status") or {}).get("conditions"), READY, True, "ReadyToUse",
+                                        f"snapshot {snap_id} of {spec['volumeName']}"),
+        }, namespace)
+        if not already:
+            kube.post_event(dict(body), "SnapshotCreated", f"created {snap_id}", component="opensds-dock")
+            self.publish_capacity()
+
+    def delete_snapshot(self, body: kopf.Body) -> None:
+        meta = body["metadata"]
+        try:
+            self.driver.delete_snapshot(snapshot_backend_id(meta["uid"]), meta["labels"]["opensds.io/pool"])
+        except (DriverError, OSError) as e:
+            raise kopf.TemporaryError(str(e), delay=10) from e
+        self.publish_capacity()
+
+
+def build_registry(dock: Dock, capacity_interval: float = 30.0) -> kopf.OperatorRegistry:
+    """kopf handlers for one backend, filtered to the objects placed on it."""
+    registry = kopf.OperatorRegistry()
+    mine_volume = {"when": lambda spec, **_: spec.get("backend") == dock.backend and bool(spec.get("pool"))}
+    mine_snapshot = {"labels": {BACKEND_LABEL: dock.backend}}
+    mine_backend = {"when": lambda name, **_: name == dock.backend}
+
+    @kopf.on.resume(GROUP, VERSION, VOLUMES, registry=registry, **mine_volume)  # type: ignore[arg-type]
+    @kopf.on.create(GROUP, VERSION, VOLUMES, registry=registry, **mine_volume)  # type: ignore[arg-type]
+    @kopf.on.update(GROUP, VERSION, VOLUMES, field="spec.size", registry=registry,
+                    **mine_volume)  # type: ignore[arg-type]
+    def volume_reconcile(body: kopf.Body, **_: Any) -> None:
+        dock.reconcile_volume(body)
+
+    @kopf.on.delete(GROUP, VERSION, VOLUMES, registry=registry, **mine_volume)  # type: ignore[arg-type]
+    def volume_delete(body: kopf.Body, **_: Any) -> None:
+        dock.delete_volume(body)
+
+    @kopf.on.resume(GROUP, VERSION, SNAPSHOTS, registry=registry, **mine_snapshot)  # type: ignore[arg-type]
+    @kopf.on.create(GROUP, VERSION, SNAPSHOTS, registry=registry, **mine_snapshot)  # type: ignore[arg-type]
+    def snapshot_reconcile(body: kopf.Body, **_: Any) -> None:
+        dock.reconcile_snapshot(body)
+
+    @kopf.on.delete(GROUP, VERSION, SNAPSHOTS, registry=registry, **mine_snapshot)  # type: ignore[arg-type]
+    def snapshot_delete(body: kopf.Body, **_: Any) -> None:
+        dock.delete_snapshot(body)
+
+    @kopf.on.resume(GROUP, VERSION, BACKENDS, registry=registry, **mine_backend)  # type: ignore[arg-type]
+    @kopf.on.create(GROUP, VERSION, BACKENDS, registry=registry, **mine_backend)  # type: ignore[arg-type]
+    def backend_register(**_: Any) -> None:
+        dock.publish_capacity()
+
+    @kopf.timer(GROUP, VERSION, BACKENDS, interval=capacity_interval, registry=registry,
+                **mine_backend)  # type: ignore[arg-type]
+    def backend_capacity(**_: Any) -> None:
+        dock.publish_capacity()
+
+    return registry

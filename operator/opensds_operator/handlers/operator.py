@@ -1,0 +1,306 @@
+"""Operator handlers: profiles -> StorageClasses, Volume/Snapshot placement, in-use protection.
+
+Placement is recorded in the Volume's spec (backend, pool) the way kube-scheduler records
+a pod's node: desired state lands in the API first, and only then does the chosen
+backend's dock touch anything.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from .. import kube
+from ..api import (
+    BACKENDS,
+    GROUP,
+    IN_USE,
+    PENDING,
+    PROFILES,
+    READY,
+    SCHEDULED,
+    SNAPSHOTS,
+    VERSION,
+    VOLUMES,
+)
+from ..conditions import set_condition
+from ..quantity import parse_bytes
+from ..scheduler import PoolKey, pools_from_backend, request_for, schedule
+from ..storageclass import needs_recreate, snapshot_class, storage_class
+
+log = logging.getLogger(__name__)
+registry = kopf.OperatorRegistry()
+BACKEND_LABEL = "opensds.io/backend"
+POOL_LABEL = "opensds.io/pool"
+
+# Placements made by this process and not yet seen in the index (uid -> (pool, bytes)).
+_placement_lock = threading.Lock()
+_recent_placements: dict[str, tuple[PoolKey, int]] = {}
+
+
+class Settings:
+    default_over_subscription_ratio = 1.0
+    retry_unschedulable_seconds = 20.0
+
+
+# ---------------------------------------------------------------- StorageProfile
+
+def _storage_api() -> client.StorageV1Api:
+    return client.StorageV1Api(kube.api_client())
+
+
+def sync_storage_class(name: str, spec: dict[str, Any]) -> str:
+    desired = storage_class(name, spec)
+    api = _storage_api()
+    try:
+        existing = api.read_storage_class(name)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        api.create_storage_class(desired)
+        return "created"
+    current = kube.api_client().sanitize_for_serialization(existing)
+    if needs_recreate(current, desired):
+        api.delete_storage_class(name)
+        api.create_storage_class(desired)
+        return "recreated"
+    if current.get("allowVolumeExpansion") != desired["allowVolumeExpansion"]:
+        api.patch_storage_class(name, {"allowVolumeExpansion": desired["allowVolumeExpansion"]})
+        return "updated"
+    return "unchanged"
+
+
+def sync_snapshot_class(name: str) -> bool:
+    """False when the snapshot CRDs are not installed (VolumeSnapshotClass is optional then)."""
+    api = kube.custom()
+    body = snapshot_class(name)
+    try:
+        api.get_cluster_custom_object("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name)
+        api.replace_cluster_custom_object(
+            "snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name,
+            {**body, "metadata": {**body["metadata"], "resourceVersion": _vsc_version(name)}},
+        )
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        try:
+            api.create_cluster_custom_object("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", body)
+        except ApiException as e2:
+            if e2.status == 404:
+                return False
+            raise
+    return True
+
+
+def _vsc_version(name: str) -> str:
+    obj = kube.custom().get_cluster_custom_object("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name)
+    return str(obj["metadata"]["resourceVersion"])
+
+
+@kopf.on.resume(GROUP, VERSION, PROFILES, registry=registry)
+@kopf.on.create(GROUP, VERSION, PROFILES, registry=registry)
+@kopf.on.update(GROUP, VERSION, PROFILES, field="spec", registry=registry)
+def profile_reconcile(name: str, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
+                      body: kopf.Body, **_: Any) -> None:
+    outcome = sync_storage_class(name, dict(spec))
+    vsc = sync_snapshot_class(name)
+    conditions = set_condition(status.get("conditions"), READY, True, "StorageClassSynced",
+                               f"StorageClass {name} {outcome}" + ("" if vsc else "; snapshot CRDs absent"),
+                               meta.get("generation"))
+    kube.patch_status(PROFILES, name, {
+        "storageClassName": name,
+        "volumeSnapshotClassName": name if vsc else None,
+        "observedGeneration": meta.get("generation"),
+        "conditions": conditions,
+    })
+    if outcome != "unchanged":
+        kube.post_event(dict(body), "StorageClassSynced", f"StorageClass {name} {outcome}")
+
+
+def volumes_using_profile(profile: str) -> list[str]:
+    return sorted(
+        f"{v['metadata']['namespace']}/{v['metadata']['name']}"
+        for v in kube.list_all(VOLUMES) if v.get("spec", {}).get("profile") == profile
+    )
+
+
+@kopf.on.delete(GROUP, VERSION, PROFILES, registry=registry)
+def profile_delete(name: str, status: kopf.Status, body: kopf.Body, **_: Any) -> None:
+    users = volumes_using_profile(name)
+    if users:
+        shown = ", ".join(users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
+        message = f"StorageProfile {name} is still used by Volumes {shown}; delete them first"
+        kube.patch_status(PROFILES, name, {"conditions": set_condition(
+            status.get("conditions"), IN_USE, True, "DeletionBlocked", message)})
+        kube.post_event(dict(body), "DeletionBlocked", message, warning=True)
+        raise kopf.TemporaryError(message, delay=15)
+    _ignore_missing(_storage_api().delete_storage_class, name)
+    _ignore_missing(kube.custom().delete_cluster_custom_object,
+                    "snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name)
+
+
+def _ignore_missing(call: Callable[..., object], *args: str) -> None:
+    try:
+        call(*args)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+# ---------------------------------------------------------------- StorageBackend
+
+def volumes_on_backend(backend: str) -> list[str]:
+    return sorted(
+        f"{v['metadata']['namespace']}/{v['metadata']['name']}"
+        for v in kube.list_all(VOLUMES) if v.get("spec", {}).get("backend") == backend
+    )
+
+
+@kopf.on.delete(GROUP, VERSION, BACKENDS, registry=registry)
+def backend_delete(name: str, status: kopf.Status, body: kopf.Body, **_: Any) -> None:
+    users = volumes_on_backend(name)
+    if users:
+        message = (f"StorageBackend {name} still holds Volumes {', '.join(users[:10])}"
+                   f"{' and more' if len(users) > 10 else ''}; delete them first")
+        kube.patch_status(BACKENDS, name, {"conditions": set_condition(
+            status.get("conditions"), IN_USE, True, "DeletionBlocked", message)})
+        kube.post_event(dict(body), "DeletionBlocked", message, warning=True)
+        raise kopf.TemporaryError(message, delay=15)
+
+
+# ---------------------------------------------------------------- Volume placement
+
+@kopf.index(GROUP, VERSION, VOLUMES, registry=registry)
+def placed_volumes(spec: kopf.Spec, uid: str, **_: Any) -> dict[PoolKey, tuple[str, int]] | None:
+    """(backend, pool) -> (uid, bytes) for every Volume already placed."""
+    if not spec.get("backend") or not spec.get("pool"):
+        return None
+    try:
+        size = parse_bytes(spec["size"])
+    except ValueError:
+        return None
+    return {(spec["backend"], spec["pool"]): (uid, size)}
+
+
+def committed_bytes(index: kopf.Index[PoolKey, tuple[str, int]]) -> dict[PoolKey, int]:
+    per_pool: dict[PoolKey, dict[str, int]] = {}
+    for key in index:
+        for uid, size in index[key]:
+            per_pool.setdefault(key, {})[uid] = size
+    for uid, (key, size) in _recent_placements.items():
+        per_pool.setdefault(key, {})[uid] = size
+    return {key: sum(sizes.values()) for key, sizes in per_pool.items()}
+
+
+class Unschedulable(kopf.TemporaryError):
+    pass
+
+
+def _fail_pending(body: kopf.Body, status: dict[str, Any], reason: str, message: str, plural: str,
+                  delay: float, permanent: bool = False) -> None:
+    meta = body["metadata"]
+    kube.patch_status(plural, meta["name"], {
+        "phase": PENDING if plural == VOLUMES else None,
+        "conditions": set_condition(status.get("conditions"), SCHEDULED, False, reason, message,
+                                    meta.get("generation")),
+    }, namespace=meta["namespace"])
+    kube.post_event(dict(body), reason, message, warning=True)
+    if permanent:
+        raise kopf.PermanentError(message)
+    raise kopf.TemporaryError(message, delay=delay)
+
+
+def _source_pool(namespace: str, source: dict[str, Any], body: kopf.Body,
+                 status: dict[str, Any]) -> PoolKey | None:
+    if source.get("namespace") not in (None, namespace):
+        _fail_pending(body, status, "CrossNamespaceSource",
+                      f"source {source['kind']} {source['namespace']}/{source['name']} is in another namespace; "
+                      f"only sources in {namespace} can be used", VOLUMES, 0, permanent=True)
+    plural = SNAPSHOTS if source["kind"] == "Snapshot" else VOLUMES
+    obj = kube.get(plural, source["name"], namespace)
+    if obj is None:
+        _fail_pending(body, status, "SourceNotFound",
+                      f"source {source['kind']} {namespace}/{source['name']} does not exist; create it or fix "
+                      f"spec.source", VOLUMES, Settings.retry_unschedulable_seconds)
+        return None
+    if plural == SNAPSHOTS:
+        labels = obj["metadata"].get("labels", {})
+        backend, pool = labels.get(BACKEND_LABEL), labels.get(POOL_LABEL)
+    else:
+        backend, pool = obj["spec"].get("backend"), obj["spec"].get("pool")
+    if not backend or not pool:
+        raise kopf.TemporaryError(f"source {source['kind']} {source['name']} is not placed yet", delay=5)
+    return (backend, pool)
+
+
+@kopf.on.resume(GROUP, VERSION, VOLUMES, registry=registry, when=lambda spec, **_: not spec.get("backend")
+                or not spec.get("pool"))
+@kopf.on.create(GROUP, VERSION, VOLUMES, registry=registry, when=lambda spec, **_: not spec.get("backend")
+                or not spec.get("pool"))
+def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec, status: kopf.Status,
+                    body: kopf.Body, **kwargs: Any) -> None:
+    assert namespace is not None
+    placed_volumes: kopf.Index[PoolKey, tuple[str, int]] = kwargs["placed_volumes"]
+    status_d = dict(status)
+    profile = kube.get(PROFILES, spec["profile"])
+    if profile is None:
+        _fail_pending(body, status_d, "ProfileNotFound",
+                      f"StorageProfile {spec['profile']} does not exist; create it or fix spec.profile",
+                      VOLUMES, Settings.retry_unschedulable_seconds)
+        return
+    size = parse_bytes(spec["size"])
+    source_pool = _source_pool(namespace, dict(spec["source"]), body, status_d) if spec.get("source") else None
+    request = request_for(dict(spec), profile.get("spec", {}), size, source_pool)
+    pools = [p for b in kube.list_all(BACKENDS)
+             for p in pools_from_backend(b, Settings.default_over_subscription_ratio)]
+    with _placement_lock:
+        decision = schedule(request, pools, committed_bytes(placed_volumes))
+        if decision.pool is None:
+            message = f"no pool fits {spec['size']} of profile {spec['profile']}: {decision.explain()}"
+            _fail_pending(body, status_d, "Unschedulable", message, VOLUMES,
+                          Settings.retry_unschedulable_seconds)
+            return
+        chosen = decision.pool
+        kube.patch(VOLUMES, name, {"spec": {"backend": chosen.backend, "pool": chosen.name}}, namespace)
+        _recent_placements[uid] = (chosen.key, size)
+    kube.patch_status(VOLUMES, name, {
+        "phase": PENDING,
+        "conditions": set_condition(status_d.get("conditions"), SCHEDULED, True, "Scheduled",
+                                    f"placed on {chosen.label}", body["metadata"].get("generation")),
+    }, namespace=namespace)
+    kube.post_event(dict(body), "Scheduled", f"placed on {chosen.label}")
+
+
+@kopf.on.event(GROUP, VERSION, VOLUMES, registry=registry)
+def forget_recent_placement(uid: str, spec: kopf.Spec, type: str | None, **_: Any) -> None:
+    """Once the index has seen a placement (or the Volume is gone), stop counting it twice."""
+    if type == "DELETED" or spec.get("backend"):
+        with _placement_lock:
+            _recent_placements.pop(uid, None)
+
+
+# ---------------------------------------------------------------- Snapshot placement
+
+@kopf.on.resume(GROUP, VERSION, SNAPSHOTS, registry=registry,
+                labels={BACKEND_LABEL: kopf.ABSENT})
+@kopf.on.create(GROUP, VERSION, SNAPSHOTS, registry=registry,
+                labels={BACKEND_LABEL: kopf.ABSENT})
+def snapshot_place(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status, body: kopf.Body,
+                   **_: Any) -> None:
+    assert namespace is not None
+    """A snapshot lives where its source volume lives: label it so that backend's dock takes it."""
+    volume = kube.get(VOLUMES, spec["volumeName"], namespace)
+    if volume is None:
+        _fail_pending(body, dict(status), "SourceNotFound",
+                      f"Volume {namespace}/{spec['volumeName']} does not exist; create it or fix spec.volumeName",
+                      SNAPSHOTS, Settings.retry_unschedulable_seconds)
+        return
+    backend, pool = volume["spec"].get("backend"), volume["spec"].get("pool")
+    if not backend or not pool:
+        raise kopf.TemporaryError(f"Volume {spec['volumeName']} is not placed yet", delay=5)
+    kube.patch(SNAPSHOTS, name, {"metadata": {"labels": {BACKEND_LABEL: backend, POOL_LABEL: pool}}}, namespace)

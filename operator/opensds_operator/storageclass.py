@@ -1,0 +1,60 @@
+"""What a StorageProfile becomes in Kubernetes: a StorageClass and a VolumeSnapshotClass."""
+from __future__ import annotations
+
+from typing import Any
+
+from .api import CSI_DRIVER_NAME, MANAGED_BY, MANAGED_BY_LABEL, PROFILE_LABEL
+
+NODE_LOCAL_PROTOCOLS = frozenset({"local"})
+
+
+def is_topology_constrained(profile_spec: dict[str, Any]) -> bool:
+    """Node-local volumes, or an explicit topology list, make binding wait for the pod's node."""
+    return profile_spec.get("accessProtocol") in NODE_LOCAL_PROTOCOLS or bool(profile_spec.get("allowedTopologies"))
+
+
+def storage_class(profile_name: str, profile_spec: dict[str, Any]) -> dict[str, Any]:
+    sc: dict[str, Any] = {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {
+            "name": profile_name,
+            "labels": {PROFILE_LABEL: profile_name, MANAGED_BY_LABEL: MANAGED_BY},
+        },
+        "provisioner": CSI_DRIVER_NAME,
+        "parameters": {
+            "profile": profile_name,
+            "csi.storage.k8s.io/fstype": profile_spec.get("fsType", "ext4"),
+        },
+        "reclaimPolicy": profile_spec.get("reclaimPolicy", "Delete"),
+        "allowVolumeExpansion": bool(profile_spec.get("allowVolumeExpansion", True)),
+        "volumeBindingMode": "WaitForFirstConsumer" if is_topology_constrained(profile_spec) else "Immediate",
+    }
+    if profile_spec.get("allowedTopologies"):
+        sc["allowedTopologies"] = [
+            {"matchLabelExpressions": [{"key": k, "values": [v]} for k, v in sorted(seg.items())]}
+            for seg in profile_spec["allowedTopologies"]
+        ]
+    return sc
+
+
+def snapshot_class(profile_name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshotClass",
+        "metadata": {
+            "name": profile_name,
+            "labels": {PROFILE_LABEL: profile_name, MANAGED_BY_LABEL: MANAGED_BY},
+        },
+        "driver": CSI_DRIVER_NAME,
+        "deletionPolicy": "Delete",
+        "parameters": {"profile": profile_name},
+    }
+
+
+IMMUTABLE_SC_FIELDS = ("provisioner", "parameters", "reclaimPolicy", "volumeBindingMode", "allowedTopologies")
+
+
+def needs_recreate(existing: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """StorageClass parameters are immutable in Kubernetes: a change means delete + create."""
+    return any(existing.get(f) != desired.get(f) for f in IMMUTABLE_SC_FIELDS)

@@ -1,0 +1,48 @@
+"""The control plane the tests use is a real kube-apiserver enforcing our CRD schemas."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from .conftest import Cluster
+
+GROUP, VERSION = "opensds.io", "v1alpha1"
+
+
+def _volume(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Volume", "metadata": {"name": name}, "spec": spec}
+
+
+def test_readyz_reports_ok(cluster: Cluster) -> None:
+    assert cluster.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
+
+
+def test_apiserver_rejects_object_violating_crd_schema(cluster: Cluster, namespace: str) -> None:
+    api = client.CustomObjectsApi(cluster.api)
+    with pytest.raises(ApiException) as err:
+        api.create_namespaced_custom_object(GROUP, VERSION, namespace, "volumes", _volume("bad", size="1Gi"))
+    assert err.value.status == 422
+    assert 'Volume.opensds.io "bad" is invalid: spec.profile: Required value' in err.value.body
+
+
+def test_apiserver_rejects_cel_violations_with_our_messages(cluster: Cluster, namespace: str) -> None:
+    api = client.CustomObjectsApi(cluster.api)
+    with pytest.raises(ApiException) as err:
+        api.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, "volumes", _volume("neg", size="-1Gi", profile="p")
+        )
+    assert "size must be a positive quantity such as 1Gi" in err.value.body
+
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, "volumes", _volume("v", size="2Gi", profile="p"))
+    with pytest.raises(ApiException) as err:
+        api.patch_namespaced_custom_object(GROUP, VERSION, namespace, "volumes", "v", {"spec": {"size": "1Gi"}})
+    assert err.value.status == 422
+    assert "size can only grow (volumes cannot be shrunk)" in err.value.body
+
+
+def test_snapshot_crds_from_pinned_external_snapshotter_are_served(cluster: Cluster) -> None:
+    out = cluster.kubectl("api-resources", "--api-group=snapshot.storage.k8s.io", "-o", "name").stdout.split()
+    assert {"volumesnapshots.snapshot.storage.k8s.io", "volumesnapshotclasses.snapshot.storage.k8s.io"} <= set(out)
