@@ -10,12 +10,13 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT / "hack" / "cluster.sh"
@@ -80,3 +81,97 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
     core.delete_namespace(name)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The operator and one dock serving a file StorageBackend, as real processes."""
+    backend: str
+    backend_dir: Path
+    node: str
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+class Processes:
+    """Starts, kills and restarts the operator and dock (the crash tests need all three)."""
+
+    def __init__(self, backend: str, logs: Path) -> None:
+        self.backend, self.logs = backend, logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, which: str) -> None:
+        venv_bin = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+        if which == "operator":
+            args = [str(venv_bin / "opensds-operator")]
+        else:
+            args = [str(venv_bin / "opensds-dock"), "--backend", self.backend, "--capacity-interval", "5"]
+        self.procs[which] = _spawn(args, self.logs / f"{which}.log")
+
+    def kill(self, which: str) -> None:
+        proc = self.procs.pop(which, None)
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def stop_all(self) -> None:
+        for which in list(self.procs):
+            proc = self.procs.pop(which)
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def processes(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    base = tmp_path_factory.mktemp("stack")
+    backend = f"file-{uuid.uuid4().hex[:6]}"
+    api = client.CustomObjectsApi(cluster.api)
+    api.create_cluster_custom_object("opensds.io", "v1alpha1", "storagebackends", {
+        "apiVersion": "opensds.io/v1alpha1", "kind": "StorageBackend", "metadata": {"name": backend},
+        "spec": {"driver": "file", "nodeName": "node-1", "topology": {"topology.opensds.io/zone": "z1"},
+                 "parameters": {"path": str(base / "backend"), "capacity": "8Gi"}},
+    })
+    procs = Processes(backend, base)
+    procs.start("operator")
+    procs.start("dock")
+    yield procs
+    procs.stop_all()
+    print(f"operator/dock logs in {base}")
+
+
+@pytest.fixture(scope="session")
+def stack(processes: Processes, cluster: Cluster) -> Stack:
+    api = client.CustomObjectsApi(cluster.api)
+    wait_for(lambda: _ready(api.get_cluster_custom_object("opensds.io", "v1alpha1", "storagebackends",
+                                                          processes.backend)), 60, "backend Ready")
+    backend_dir = processes.logs / "backend"
+    return Stack(processes.backend, backend_dir, "node-1")
+
+
+def _ready(obj: dict[str, object]) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions", [])  # type: ignore[attr-defined]
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            last = None
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")

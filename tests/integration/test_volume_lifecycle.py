@@ -1,0 +1,163 @@
+"""Backend, profile, volume and snapshot lifecycle through the real operator and dock on the file backend."""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+from kubernetes import client
+
+from .conftest import Cluster, Stack, wait_for
+from .helpers import CRs, condition, events_for
+
+MiB = 2**20
+
+
+def _profile(crs: CRs, **spec: object) -> str:
+    name = f"p-{uuid.uuid4().hex[:6]}"
+    crs.create("storageprofiles", "StorageProfile", name,
+               {"storageType": "block", "accessProtocol": "local", **spec})
+    return name
+
+
+def _phase(crs: CRs, name: str) -> str | None:
+    return (crs.get("volumes", name).get("status") or {}).get("phase")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_file_backend_becomes_ready_with_pool_capacity(cluster: Cluster, stack: Stack) -> None:
+    backend = CRs(cluster.api).get("storagebackends", stack.backend)
+    [pool] = backend["status"]["pools"]
+    assert pool["name"] == "default" and pool["totalBytes"] == 8 * 2**30
+    assert pool["capabilities"]["snapshot"] and "local" in pool["capabilities"]["protocols"]
+    assert condition(backend, "Ready")["status"] == "True"  # type: ignore[index]
+    assert backend["status"]["lastProbeTime"]
+
+
+def test_profile_keeps_storage_class_and_snapshot_class_in_sync(cluster: Cluster, stack: Stack) -> None:
+    crs, storage = CRs(cluster.api), client.StorageV1Api(cluster.api)
+    name = _profile(crs)
+    sc = wait_for(lambda: storage.read_storage_class(name), 30, "StorageClass")
+    assert sc.provisioner == "block.csi.opensds.io"  # type: ignore[attr-defined]
+    assert sc.volume_binding_mode == "WaitForFirstConsumer"  # type: ignore[attr-defined]
+    assert sc.parameters["csi.storage.k8s.io/fstype"] == "ext4"  # type: ignore[attr-defined]
+    snapshot_classes = client.CustomObjectsApi(cluster.api)
+    vsc = snapshot_classes.get_cluster_custom_object("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name)
+    assert vsc["driver"] == "block.csi.opensds.io"
+
+    crs.patch("storageprofiles", name, {"spec": {"fsType": "xfs", "allowVolumeExpansion": False}})
+    wait_for(lambda: storage.read_storage_class(name).parameters["csi.storage.k8s.io/fstype"] == "xfs", 30,
+             "StorageClass recreated with xfs")
+    assert storage.read_storage_class(name).allow_volume_expansion is False
+
+    crs.delete("storageprofiles", name)
+    wait_for(lambda: name not in [s.metadata.name for s in storage.list_storage_class().items], 30, "SC removed")
+
+
+def test_volume_snapshot_restore_expand_delete(cluster: Cluster, stack: Stack, namespace: str) -> None:
+    crs = CRs(cluster.api, namespace)
+    profile = _profile(crs)
+    vol = crs.create("volumes", "Volume", "data", {"size": "64Mi", "profile": profile})
+    wait_for(lambda: _phase(crs, "data") == "Available", 60, "Volume Available")
+    data = crs.get("volumes", "data")
+    backing = stack.backend_dir / "volumes" / f"vol-{vol['metadata']['uid']}.img"
+    assert data["status"]["backendVolumeID"] == f"vol-{vol['metadata']['uid']}"
+    assert (data["spec"]["backend"], data["spec"]["pool"]) == (stack.backend, "default")
+    assert os.path.getsize(backing) == 64 * MiB == data["status"]["capacityBytes"]
+
+    with open(backing, "r+b") as f:  # data a user wrote through the device
+        f.seek(3 * MiB)
+        f.write(os.urandom(2 * MiB))
+    crs.patch("volumes", "data", {"spec": {"size": "128Mi"}})
+    wait_for(lambda: crs.get("volumes", "data")["status"].get("capacityBytes") == 128 * MiB, 60, "expanded")
+    assert os.path.getsize(backing) == 128 * MiB and _phase(crs, "data") == "Available"
+
+    snap = crs.create("snapshots", "Snapshot", "snap", {"volumeName": "data"})
+    wait_for(lambda: (crs.get("snapshots", "snap").get("status") or {}).get("readyToUse"), 60, "snapshot ready")
+    snap_file = stack.backend_dir / "snapshots" / f"snap-{snap['metadata']['uid']}.img"
+    assert crs.get("snapshots", "snap")["status"]["sizeBytes"] == 128 * MiB
+
+    restored = crs.create("volumes", "Volume", "restored",
+                          {"size": "128Mi", "profile": profile, "source": {"kind": "Snapshot", "name": "snap"}})
+    wait_for(lambda: _phase(crs, "restored") == "Available", 60, "restored Available")
+    restored_file = stack.backend_dir / "volumes" / f"vol-{restored['metadata']['uid']}.img"
+    assert _sha(restored_file) == _sha(backing)
+
+    clone = crs.create("volumes", "Volume", "clone",
+                       {"size": "128Mi", "profile": profile, "source": {"kind": "Volume", "name": "data"}})
+    wait_for(lambda: _phase(crs, "clone") == "Available", 60, "clone Available")
+    assert _sha(stack.backend_dir / "volumes" / f"vol-{clone['metadata']['uid']}.img") == _sha(backing)
+
+    for plural, name in (("volumes", "clone"), ("volumes", "restored"), ("snapshots", "snap"), ("volumes", "data")):
+        crs.delete(plural, name)
+    wait_for(lambda: not any(crs.exists(p, n) for p, n in (("volumes", "data"), ("volumes", "restored"),
+                                                             ("volumes", "clone"), ("snapshots", "snap"))),
+             60, "CRs gone")
+    assert not backing.exists() and not snap_file.exists() and not restored_file.exists()
+    crs.delete("storageprofiles", profile)
+
+
+def test_unschedulable_volume_explains_each_pool(cluster: Cluster, stack: Stack, namespace: str) -> None:
+    crs = CRs(cluster.api, namespace)
+    profile = _profile(crs, customProperties={"tier": "gold"})
+    crs.create("volumes", "Volume", "big", {"size": "1Ti", "profile": profile})
+    cond = wait_for(lambda: condition(crs.get("volumes", "big"), "Scheduled"), 30, "Scheduled condition")
+    assert cond["status"] == "False" and cond["reason"] == "Unschedulable"  # type: ignore[index]
+    assert f"{stack.backend}/default: capability tier=gold required, pool has tier=<unset>" in cond["message"]  # type: ignore[index]
+    assert _phase(crs, "big") == "Pending"
+    assert any(e.startswith("Unschedulable: no pool fits 1Ti") for e in events_for(cluster.api, namespace, "big"))
+    crs.delete("volumes", "big")
+
+
+def test_too_large_volume_reports_capacity(cluster: Cluster, stack: Stack, namespace: str) -> None:
+    crs = CRs(cluster.api, namespace)
+    profile = _profile(crs)
+    crs.create("volumes", "Volume", "huge", {"size": "1Ti", "profile": profile})
+    cond = wait_for(lambda: condition(crs.get("volumes", "huge"), "Scheduled"), 30, "Scheduled condition")
+    assert "exceeds the pool's max volume size 8Gi" in cond["message"]  # type: ignore[index]
+    crs.delete("volumes", "huge")
+
+
+def test_unknown_profile_is_reported(cluster: Cluster, stack: Stack, namespace: str) -> None:
+    crs = CRs(cluster.api, namespace)
+    crs.create("volumes", "Volume", "orphan", {"size": "1Mi", "profile": "no-such-profile"})
+    cond = wait_for(lambda: condition(crs.get("volumes", "orphan"), "Scheduled"), 30, "Scheduled condition")
+    assert cond["reason"] == "ProfileNotFound"  # type: ignore[index]
+    assert "StorageProfile no-such-profile does not exist" in cond["message"]  # type: ignore[index]
+
+
+def test_source_in_another_namespace_is_refused(cluster: Cluster, stack: Stack, namespace: str) -> None:
+    crs = CRs(cluster.api, namespace)
+    profile = _profile(crs)
+    crs.create("volumes", "Volume", "x", {"size": "1Mi", "profile": profile,
+                                          "source": {"kind": "Snapshot", "name": "s", "namespace": "elsewhere"}})
+    cond = wait_for(lambda: condition(crs.get("volumes", "x"), "Scheduled"), 30, "Scheduled condition")
+    assert cond["reason"] == "CrossNamespaceSource"  # type: ignore[index]
+    assert "only sources in " + namespace in cond["message"]  # type: ignore[index]
+
+
+def test_profile_in_use_is_not_deleted_until_volumes_are(cluster: Cluster, stack: Stack, namespace: str) -> None:
+    crs = CRs(cluster.api, namespace)
+    profile = _profile(crs)
+    crs.create("volumes", "Volume", "user", {"size": "1Mi", "profile": profile})
+    wait_for(lambda: _phase(crs, "user") == "Available", 60, "Volume Available")
+    crs.delete("storageprofiles", profile)
+    cond = wait_for(lambda: condition(crs.get("storageprofiles", profile), "InUse"), 30, "InUse condition")
+    assert f"still used by Volumes {namespace}/user; delete them first" in cond["message"]  # type: ignore[index]
+    crs.delete("volumes", "user")
+    wait_for(lambda: not crs.exists("storageprofiles", profile), 60, "profile deleted after its volume")
+
+
+def test_backend_in_use_is_not_deleted(cluster: Cluster, stack: Stack, namespace: str) -> None:
+    crs = CRs(cluster.api, namespace)
+    profile = _profile(crs)
+    crs.create("volumes", "Volume", "pin", {"size": "1Mi", "profile": profile})
+    wait_for(lambda: _phase(crs, "pin") == "Available", 60, "Volume Available")
+    # A dry-run delete would not run finalizers; instead check the protection finalizer is in place.
+    backend = crs.get("storagebackends", stack.backend)
+    assert "opensds.io/operator-protection" in backend["metadata"]["finalizers"]
+    crs.delete("volumes", "pin")
