@@ -11,9 +11,11 @@ mkdir -p "$STAMPS"
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 
 # build_group <group> <module> <version> <name=package>...
+# $VERSION_LDFLAGS (optional) stamps the version into the binary (-X flags).
 build_group() {
   local group=$1 module=$2 version=$3; shift 3
-  local stamp="$module@$version $*" dir=hack/tools/$group missing=0 spec
+  local ldflags="-s -w ${VERSION_LDFLAGS:-}"
+  local stamp="$module@$version $* ldflags=$ldflags" dir=hack/tools/$group missing=0 spec
   for spec in "$@"; do [[ -x $BIN/${spec%%=*} ]] || missing=1; done
   if [[ $missing == 0 && -f $STAMPS/$group && "$(cat "$STAMPS/$group")" == "$stamp" ]]; then
     echo "tools: $group $version up to date"; return
@@ -27,7 +29,7 @@ build_group() {
   local start=$SECONDS
   for spec in "$@"; do
     echo "tools: building ${spec%%=*} ($module@$version)"
-    (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$BIN/${spec%%=*}" "${spec#*=}")
+    (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$BIN/${spec%%=*}" "${spec#*=}")
   done
   echo "$stamp" > "$STAMPS/$group"
   echo "tools: $group built in $((SECONDS - start))s"
@@ -42,24 +44,30 @@ copy_from_module() {
 }
 
 K8S=$KUBERNETES_VERSION
+minor=${K8S#v1.}; minor=${minor%%.*}
+VERSION_LDFLAGS=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  VERSION_LDFLAGS+=" -X $pkg.gitVersion=$K8S -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+done
 build_group kubernetes k8s.io/kubernetes "$K8S" \
   kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
   kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
   kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
   kubectl=k8s.io/kubernetes/cmd/kubectl
+VERSION_LDFLAGS=""
 build_group etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" etcd=go.etcd.io/etcd/server/v3
 build_group csi-test github.com/kubernetes-csi/csi-test/v5 "$CSI_TEST_VERSION" \
   csi-sanity=github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
-build_group external-provisioner github.com/kubernetes-csi/external-provisioner/v6 "$EXTERNAL_PROVISIONER_VERSION" \
+VERSION_LDFLAGS="-X main.version=$EXTERNAL_PROVISIONER_VERSION" build_group external-provisioner github.com/kubernetes-csi/external-provisioner/v6 "$EXTERNAL_PROVISIONER_VERSION" \
   csi-provisioner=github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner
-build_group external-attacher github.com/kubernetes-csi/external-attacher/v4 "$EXTERNAL_ATTACHER_VERSION" \
+VERSION_LDFLAGS="-X main.version=$EXTERNAL_ATTACHER_VERSION" build_group external-attacher github.com/kubernetes-csi/external-attacher/v4 "$EXTERNAL_ATTACHER_VERSION" \
   csi-attacher=github.com/kubernetes-csi/external-attacher/v4/cmd/csi-attacher
-build_group external-resizer github.com/kubernetes-csi/external-resizer/v2 "$EXTERNAL_RESIZER_VERSION" \
+VERSION_LDFLAGS="-X main.version=$EXTERNAL_RESIZER_VERSION" build_group external-resizer github.com/kubernetes-csi/external-resizer/v2 "$EXTERNAL_RESIZER_VERSION" \
   csi-resizer=github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer
-build_group external-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 "$EXTERNAL_SNAPSHOTTER_VERSION" \
+VERSION_LDFLAGS="-X main.version=$EXTERNAL_SNAPSHOTTER_VERSION" build_group external-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 "$EXTERNAL_SNAPSHOTTER_VERSION" \
   csi-snapshotter=github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter \
   snapshot-controller=github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller
-build_group helm helm.sh/helm/v3 "$HELM_VERSION" helm=helm.sh/helm/v3/cmd/helm
+VERSION_LDFLAGS="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" build_group helm helm.sh/helm/v3 "$HELM_VERSION" helm=helm.sh/helm/v3/cmd/helm
 build_group kustomize sigs.k8s.io/kustomize/kustomize/v5 "$KUSTOMIZE_VERSION" \
   kustomize=sigs.k8s.io/kustomize/kustomize/v5
 

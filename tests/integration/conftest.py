@@ -143,8 +143,23 @@ def processes(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
     procs.start("operator")
     procs.start("dock")
     yield procs
-    procs.stop_all()
-    print(f"operator/dock logs in {base}")
+    # Leave the cluster as we found it: the operator releases the backend once no Volume uses it.
+    api.delete_cluster_custom_object("opensds.io", "v1alpha1", "storagebackends", backend)
+    try:
+        wait_for(lambda: not _exists(api, "storagebackends", backend), 60, f"StorageBackend {backend} deleted")
+    finally:
+        procs.stop_all()
+        print(f"operator/dock logs in {base}")
+
+
+def _exists(api: client.CustomObjectsApi, plural: str, name: str) -> bool:
+    try:
+        api.get_cluster_custom_object("opensds.io", "v1alpha1", plural, name)
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
 
 
 @pytest.fixture(scope="session")

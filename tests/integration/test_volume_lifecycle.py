@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from kubernetes import client
 
 from .conftest import Cluster, Stack, wait_for
@@ -14,11 +16,25 @@ from .helpers import CRs, condition, events_for
 MiB = 2**20
 
 
-def _profile(crs: CRs, **spec: object) -> str:
-    name = f"p-{uuid.uuid4().hex[:6]}"
-    crs.create("storageprofiles", "StorageProfile", name,
-               {"storageType": "block", "accessProtocol": "local", **spec})
-    return name
+Profiles = Callable[..., str]
+
+
+@pytest.fixture
+def profiles(cluster: Cluster) -> Iterator[Profiles]:
+    """Makes StorageProfiles for one test and deletes whatever is left of them afterwards."""
+    crs, made = CRs(cluster.api), []
+
+    def make(**spec: object) -> str:
+        name = f"p-{uuid.uuid4().hex[:6]}"
+        crs.create("storageprofiles", "StorageProfile", name,
+                   {"storageType": "block", "accessProtocol": "local", **spec})
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        if crs.exists("storageprofiles", name):
+            crs.delete("storageprofiles", name)
 
 
 def _phase(crs: CRs, name: str) -> str | None:
@@ -38,9 +54,10 @@ def test_file_backend_becomes_ready_with_pool_capacity(cluster: Cluster, stack: 
     assert backend["status"]["lastProbeTime"]
 
 
-def test_profile_keeps_storage_class_and_snapshot_class_in_sync(cluster: Cluster, stack: Stack) -> None:
+def test_profile_keeps_storage_class_and_snapshot_class_in_sync(cluster: Cluster, stack: Stack,
+                                                                profiles: Profiles) -> None:
     crs, storage = CRs(cluster.api), client.StorageV1Api(cluster.api)
-    name = _profile(crs)
+    name = profiles()
     sc = wait_for(lambda: storage.read_storage_class(name), 30, "StorageClass")
     assert sc.provisioner == "block.csi.opensds.io"  # type: ignore[attr-defined]
     assert sc.volume_binding_mode == "WaitForFirstConsumer"  # type: ignore[attr-defined]
@@ -58,9 +75,10 @@ def test_profile_keeps_storage_class_and_snapshot_class_in_sync(cluster: Cluster
     wait_for(lambda: name not in [s.metadata.name for s in storage.list_storage_class().items], 30, "SC removed")
 
 
-def test_volume_snapshot_restore_expand_delete(cluster: Cluster, stack: Stack, namespace: str) -> None:
+def test_volume_snapshot_restore_expand_delete(cluster: Cluster, stack: Stack, namespace: str,
+        profiles: Profiles) -> None:
     crs = CRs(cluster.api, namespace)
-    profile = _profile(crs)
+    profile = profiles()
     vol = crs.create("volumes", "Volume", "data", {"size": "64Mi", "profile": profile})
     wait_for(lambda: _phase(crs, "data") == "Available", 60, "Volume Available")
     data = crs.get("volumes", "data")
@@ -98,12 +116,12 @@ def test_volume_snapshot_restore_expand_delete(cluster: Cluster, stack: Stack, n
                                                              ("volumes", "clone"), ("snapshots", "snap"))),
              60, "CRs gone")
     assert not backing.exists() and not snap_file.exists() and not restored_file.exists()
-    crs.delete("storageprofiles", profile)
 
 
-def test_unschedulable_volume_explains_each_pool(cluster: Cluster, stack: Stack, namespace: str) -> None:
+def test_unschedulable_volume_explains_each_pool(cluster: Cluster, stack: Stack, namespace: str,
+        profiles: Profiles) -> None:
     crs = CRs(cluster.api, namespace)
-    profile = _profile(crs, customProperties={"tier": "gold"})
+    profile = profiles(customProperties={"tier": "gold"})
     crs.create("volumes", "Volume", "big", {"size": "1Ti", "profile": profile})
     cond = wait_for(lambda: condition(crs.get("volumes", "big"), "Scheduled"), 30, "Scheduled condition")
     assert cond["status"] == "False" and cond["reason"] == "Unschedulable"  # type: ignore[index]
@@ -113,16 +131,18 @@ def test_unschedulable_volume_explains_each_pool(cluster: Cluster, stack: Stack,
     crs.delete("volumes", "big")
 
 
-def test_too_large_volume_reports_capacity(cluster: Cluster, stack: Stack, namespace: str) -> None:
+def test_too_large_volume_reports_capacity(cluster: Cluster, stack: Stack, namespace: str,
+        profiles: Profiles) -> None:
     crs = CRs(cluster.api, namespace)
-    profile = _profile(crs)
+    profile = profiles()
     crs.create("volumes", "Volume", "huge", {"size": "1Ti", "profile": profile})
     cond = wait_for(lambda: condition(crs.get("volumes", "huge"), "Scheduled"), 30, "Scheduled condition")
     assert "exceeds the pool's max volume size 8Gi" in cond["message"]  # type: ignore[index]
     crs.delete("volumes", "huge")
 
 
-def test_unknown_profile_is_reported(cluster: Cluster, stack: Stack, namespace: str) -> None:
+def test_unknown_profile_is_reported(cluster: Cluster, stack: Stack, namespace: str,
+        profiles: Profiles) -> None:
     crs = CRs(cluster.api, namespace)
     crs.create("volumes", "Volume", "orphan", {"size": "1Mi", "profile": "no-such-profile"})
     cond = wait_for(lambda: condition(crs.get("volumes", "orphan"), "Scheduled"), 30, "Scheduled condition")
@@ -130,9 +150,10 @@ def test_unknown_profile_is_reported(cluster: Cluster, stack: Stack, namespace: 
     assert "StorageProfile no-such-profile does not exist" in cond["message"]  # type: ignore[index]
 
 
-def test_source_in_another_namespace_is_refused(cluster: Cluster, stack: Stack, namespace: str) -> None:
+def test_source_in_another_namespace_is_refused(cluster: Cluster, stack: Stack, namespace: str,
+        profiles: Profiles) -> None:
     crs = CRs(cluster.api, namespace)
-    profile = _profile(crs)
+    profile = profiles()
     crs.create("volumes", "Volume", "x", {"size": "1Mi", "profile": profile,
                                           "source": {"kind": "Snapshot", "name": "s", "namespace": "elsewhere"}})
     cond = wait_for(lambda: condition(crs.get("volumes", "x"), "Scheduled"), 30, "Scheduled condition")
@@ -140,9 +161,10 @@ def test_source_in_another_namespace_is_refused(cluster: Cluster, stack: Stack, 
     assert "only sources in " + namespace in cond["message"]  # type: ignore[index]
 
 
-def test_profile_in_use_is_not_deleted_until_volumes_are(cluster: Cluster, stack: Stack, namespace: str) -> None:
+def test_profile_in_use_is_not_deleted_until_volumes_are(cluster: Cluster, stack: Stack, namespace: str,
+        profiles: Profiles) -> None:
     crs = CRs(cluster.api, namespace)
-    profile = _profile(crs)
+    profile = profiles()
     crs.create("volumes", "Volume", "user", {"size": "1Mi", "profile": profile})
     wait_for(lambda: _phase(crs, "user") == "Available", 60, "Volume Available")
     crs.delete("storageprofiles", profile)
@@ -152,9 +174,10 @@ def test_profile_in_use_is_not_deleted_until_volumes_are(cluster: Cluster, stack
     wait_for(lambda: not crs.exists("storageprofiles", profile), 60, "profile deleted after its volume")
 
 
-def test_backend_in_use_is_not_deleted(cluster: Cluster, stack: Stack, namespace: str) -> None:
+def test_backend_in_use_is_not_deleted(cluster: Cluster, stack: Stack, namespace: str,
+        profiles: Profiles) -> None:
     crs = CRs(cluster.api, namespace)
-    profile = _profile(crs)
+    profile = profiles()
     crs.create("volumes", "Volume", "pin", {"size": "1Mi", "profile": profile})
     wait_for(lambda: _phase(crs, "pin") == "Available", 60, "Volume Available")
     # A dry-run delete would not run finalizers; instead check the protection finalizer is in place.
