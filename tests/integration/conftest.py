@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -91,8 +92,24 @@ class Stack:
     node: str
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
+def service_account_kubeconfig(cluster: Cluster, account: str, path: Path) -> Path:
+    """A kubeconfig holding a token of manifests/base's ServiceAccount: runs a component with
+    exactly the RBAC we ship, so a missing permission fails the tests."""
+    token = client.CoreV1Api(cluster.api).create_namespaced_service_account_token(
+        account, "opensds-system",
+        client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+            audiences=["https://kubernetes.default.svc.cluster.local"], expiration_seconds=86400)),
+    ).status.token
+    admin = yaml.safe_load(KUBECONFIG.read_text())
+    admin["users"] = [{"name": account, "user": {"token": token}}]
+    admin["contexts"][0]["context"]["user"] = account
+    path.write_text(yaml.safe_dump(admin))
+    path.chmod(0o600)
+    return path
+
+
+def _spawn(args: list[str], log_path: Path, kubeconfig: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     with open(log_path, "ab") as log:
         return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -100,8 +117,8 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 class Processes:
     """Starts, kills and restarts the operator and dock (the crash tests need all three)."""
 
-    def __init__(self, backend: str, logs: Path) -> None:
-        self.backend, self.logs = backend, logs
+    def __init__(self, backend: str, logs: Path, kubeconfigs: dict[str, Path]) -> None:
+        self.backend, self.logs, self.kubeconfigs = backend, logs, kubeconfigs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, which: str) -> None:
@@ -110,7 +127,7 @@ class Processes:
             args = [str(venv_bin / "opensds-operator")]
         else:
             args = [str(venv_bin / "opensds-dock"), "--backend", self.backend, "--capacity-interval", "5"]
-        self.procs[which] = _spawn(args, self.logs / f"{which}.log")
+        self.procs[which] = _spawn(args, self.logs / f"{which}.log", self.kubeconfigs[which])
 
     def kill(self, which: str) -> None:
         proc = self.procs.pop(which, None)
@@ -139,7 +156,14 @@ def processes(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "spec": {"driver": "file", "nodeName": "node-1", "topology": {"topology.opensds.io/zone": "z1"},
                  "parameters": {"path": str(base / "backend"), "capacity": "8Gi"}},
     })
-    procs = Processes(backend, base)
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests/base/namespace.yaml"))
+    for rbac in ("rbac-operator.yaml", "rbac-dock.yaml"):
+        cluster.kubectl("apply", "--server-side", "-n", "opensds-system", "-f", str(ROOT / "manifests/base" / rbac))
+    kubeconfigs = {
+        "operator": service_account_kubeconfig(cluster, "opensds-operator", base / "operator.kubeconfig"),
+        "dock": service_account_kubeconfig(cluster, "opensds-dock", base / "dock.kubeconfig"),
+    }
+    procs = Processes(backend, base, kubeconfigs)
     procs.start("operator")
     procs.start("dock")
     yield procs
