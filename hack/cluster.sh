@@ -127,7 +127,14 @@ up() {
     --listen-metrics-urls "http://127.0.0.1:$((ETCD_PORT + 20))" \
     --unsafe-no-fsync --quota-backend-bytes $((2 * 1024 * 1024 * 1024))
   wait_for etcd 30 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
-  start kube-apiserver \
+  local audit=()
+  if [[ ${OPENSDS_AUDIT:-0} == 1 ]]; then # every write to our API group, for debugging races
+    printf '%s\n' 'apiVersion: audit.k8s.io/v1' 'kind: Policy' 'rules:' \
+      '- level: RequestResponse' '  verbs: [create, update, patch, delete]' '  resources: [{group: opensds.io}]' \
+      '- level: None' > "$DIR/audit-policy.yaml"
+    audit=(--audit-policy-file "$DIR/audit-policy.yaml" --audit-log-path "$LOGS/audit.log")
+  fi
+  start kube-apiserver "${audit[@]}" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
     --cert-dir "$PKI" --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \

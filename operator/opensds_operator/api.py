@@ -15,6 +15,10 @@ PROFILE_LABEL = "opensds.io/profile"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "opensds-operator"
 
+# Finalizers: the operator guards profiles/backends in use, the dock guards backend objects.
+OPERATOR_FINALIZER = "opensds.io/operator-protection"
+DOCK_FINALIZER = "opensds.io/dock-protection"
+
 # Volume phases (status.phase)
 PENDING, CREATING, AVAILABLE, EXPANDING, DELETING, ERROR = (
     "Pending", "Creating", "Available", "Expanding", "Deleting", "Error",

@@ -8,11 +8,11 @@ import time
 import kopf
 
 from . import kube
-from .api import BACKENDS
+from .api import BACKENDS, DOCK_FINALIZER, OPERATOR_FINALIZER
 from .conditions import set_condition
 
 PERSISTENCE_PREFIX = {"operator": "operator.opensds.io", "dock": "dock.opensds.io"}
-FINALIZER = {"operator": "opensds.io/operator-protection", "dock": "opensds.io/dock-protection"}
+FINALIZER = {"operator": OPERATOR_FINALIZER, "dock": DOCK_FINALIZER}
 
 
 def settings_for(role: str) -> kopf.OperatorSettings:
@@ -36,9 +36,10 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """kopf's own log format: it prefixes each line about an object with [namespace/name]."""
+    kopf.configure(verbose=verbose)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def run_operator() -> None:
@@ -62,6 +63,8 @@ def run_dock() -> None:
     parser.add_argument("--backend", required=True, help="name of the StorageBackend this dock serves")
     parser.add_argument("--capacity-interval", type=float, default=30.0,
                         help="seconds between pool capacity reports")
+    parser.add_argument("--orphan-interval", type=float, default=300.0,
+                        help="seconds between sweeps for backend objects no CR owns")
     args = parser.parse_args()
     _logging(args.verbose)
     from .drivers import make_driver
@@ -81,7 +84,7 @@ def run_dock() -> None:
         kube.post_event(backend, "InvalidParameters", str(e), warning=True, component="opensds-dock")
         raise SystemExit(f"opensds-dock: {e}") from e
     dock = Dock(args.backend, driver)
-    registry = build_registry(dock, args.capacity_interval)
+    registry = build_registry(dock, args.capacity_interval, args.orphan_interval)
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.run(registry=registry, settings=settings_for("dock"), standalone=True, clusterwide=True,
              liveness_endpoint=args.liveness)

@@ -127,6 +127,8 @@ class Processes:
             args = [str(venv_bin / "opensds-operator")]
         else:
             args = [str(venv_bin / "opensds-dock"), "--backend", self.backend, "--capacity-interval", "5"]
+        if os.environ.get("OPENSDS_TEST_VERBOSE") == "1":
+            args.append("--verbose")
         self.procs[which] = _spawn(args, self.logs / f"{which}.log", self.kubeconfigs[which])
 
     def kill(self, which: str) -> None:

@@ -18,6 +18,7 @@ from ..api import (
     BACKENDS,
     CREATING,
     DELETING,
+    DOCK_FINALIZER,
     ERROR,
     EXPANDING,
     GROUP,
@@ -37,10 +38,34 @@ from .operator import BACKEND_LABEL
 log = logging.getLogger(__name__)
 
 
+class ObjectGone(Exception):
+    """The CR vanished (or started deleting) before the backend was touched: do nothing."""
+
+
+def guarded(obj: dict[str, Any] | None) -> bool:
+    """True when the CR still exists, is not being deleted, and carries the dock's finalizer.
+
+    The apiserver can complete a DELETE that raced with adding our finalizer, so the dock
+    re-reads the object through its intent write and acts only when this holds; whatever a
+    crash still leaves behind is found by the orphan collector.
+    """
+    if obj is None:
+        return False
+    meta = obj.get("metadata", {})
+    return not meta.get("deletionTimestamp") and DOCK_FINALIZER in (meta.get("finalizers") or [])
+
+
 class Dock:
     def __init__(self, backend: str, driver: Driver) -> None:
         self.backend = backend
         self.driver = driver
+
+    def record_intent(self, plural: str, body: kopf.Body, status: dict[str, Any]) -> None:
+        """Write what is about to happen into status; raise ObjectGone unless it is still wanted."""
+        meta = body["metadata"]
+        result = kube.patch_status(plural, meta["name"], status, meta["namespace"])
+        if not guarded(result) or (result or {})["metadata"]["uid"] != meta["uid"]:
+            raise ObjectGone(f"{plural} {meta['namespace']}/{meta['name']} is gone or being deleted")
 
     # ------------------------------------------------------------ capacity
 
@@ -107,25 +132,29 @@ class Dock:
         try:
             info = self.driver.get_volume(backend_id, pool)
             if info is None:
-                kube.patch_status(VOLUMES, name, {"phase": CREATING, "backendVolumeID": backend_id}, namespace)
+                self.record_intent(VOLUMES, body, {"phase": CREATING, "backendVolumeID": backend_id})
                 source = self._source(namespace, dict(spec["source"])) if spec.get("source") else None
                 profile = kube.get(PROFILES, spec["profile"]) or {}
                 thin = (profile.get("spec", {}).get("provisioning", {}) or {}).get("type", "thin") == "thin"
+                log.info("creating %s for %s/%s", backend_id, namespace, name)
                 info = self.driver.create_volume(backend_id, pool, size, thin, source)
                 event = ("Created", f"created {backend_id} ({format_bytes(info.size_bytes)}) in {self.backend}/{pool}")
             elif info.size_bytes < size:
-                kube.patch_status(VOLUMES, name, {"phase": EXPANDING}, namespace)
+                self.record_intent(VOLUMES, body, {"phase": EXPANDING})
                 info = self.driver.extend_volume(backend_id, pool, size)
                 event = ("Expanded", f"expanded {backend_id} to {format_bytes(info.size_bytes)}")
             else:
                 event = None
+        except ObjectGone as e:
+            log.info("not creating %s: %s", backend_id, e)
+            return
         except PermanentDriverError as e:
             self._fail(VOLUMES, body, e)
             raise kopf.PermanentError(str(e)) from e
         except (DriverError, OSError) as e:
             self._fail(VOLUMES, body, e, phase=None)
             raise kopf.TemporaryError(str(e), delay=10) from e
-        kube.patch_status(VOLUMES, name, {
+        done = kube.patch_status(VOLUMES, name, {
             "phase": AVAILABLE,
             "backendVolumeID": backend_id,
             "capacityBytes": info.size_bytes,
@@ -135,6 +164,10 @@ class Dock:
                                         f"{format_bytes(info.size_bytes)} in {self.backend}/{pool}",
                                         meta.get("generation")),
         }, namespace)
+        if done is None or done["metadata"]["uid"] != meta["uid"]:
+            log.info("%s/%s vanished while %s was made: removing it", namespace, name, backend_id)
+            self.driver.delete_volume(backend_id, pool)
+            return
         if event:
             kube.post_event(dict(body), *event, component="opensds-dock")
             self.publish_capacity()
@@ -144,9 +177,11 @@ class Dock:
         kube.patch_status(VOLUMES, meta["name"], {"phase": DELETING}, meta["namespace"])
         backend_id = volume_backend_id(meta["uid"])
         if spec.get("reclaimPolicy") == "Retain":
+            self.record_retained(backend_id, f"{meta['namespace']}/{meta['name']}")
             kube.post_event(dict(body), "Retained", f"{backend_id} kept on {self.backend} (reclaimPolicy Retain)",
                             component="opensds-dock")
             return
+        log.info("deleting %s of %s/%s", backend_id, meta["namespace"], meta["name"])
         try:
             self.driver.delete_volume(backend_id, spec["pool"])
         except (DriverError, OSError) as e:
@@ -166,16 +201,22 @@ class Dock:
         if (volume.get("status") or {}).get("phase") not in (AVAILABLE, EXPANDING):
             raise kopf.TemporaryError(f"Volume {spec['volumeName']} is not Available yet", delay=3)
         snap_id = snapshot_backend_id(meta["uid"])
+        already = (body.get("status") or {}).get("readyToUse")
         try:
+            if not already:
+                self.record_intent(SNAPSHOTS, body, {"backendSnapshotID": snap_id, "backend": self.backend,
+                                                     "pool": pool})
             info = self.driver.create_snapshot(snap_id, pool, volume_backend_id(volume["metadata"]["uid"]))
+        except ObjectGone as e:
+            log.info("not creating %s: %s", snap_id, e)
+            return
         except PermanentDriverError as e:
             self._fail(SNAPSHOTS, body, e, phase=None)
             raise kopf.PermanentError(str(e)) from e
         except (DriverError, OSError) as e:
             self._fail(SNAPSHOTS, body, e, phase=None)
             raise kopf.TemporaryError(str(e), delay=10) from e
-        already = (body.get("status") or {}).get("readyToUse")
-        kube.patch_status(SNAPSHOTS, meta["name"], {
+        done = kube.patch_status(SNAPSHOTS, meta["name"], {
             "readyToUse": True,
             "sizeBytes": info.size_bytes,
             "creationTime": info.created_at,
@@ -186,6 +227,9 @@ class Dock:
             "conditions": set_condition((body.get("status") or {}).get("conditions"), READY, True, "ReadyToUse",
                                         f"snapshot {snap_id} of {spec['volumeName']}"),
         }, namespace)
+        if done is None or done["metadata"]["uid"] != meta["uid"]:
+            self.driver.delete_snapshot(snap_id, pool)
+            return
         if not already:
             kube.post_event(dict(body), "SnapshotCreated", f"created {snap_id}", component="opensds-dock")
             self.publish_capacity()
@@ -199,7 +243,45 @@ class Dock:
         self.publish_capacity()
 
 
-def build_registry(dock: Dock, capacity_interval: float = 30.0) -> kopf.OperatorRegistry:
+    # ------------------------------------------------------------ retention and orphans
+
+    def record_retained(self, backend_id: str, owner: str) -> None:
+        """Remember a kept volume in the backend's status so the orphan collector leaves it alone."""
+        backend = kube.get(BACKENDS, self.backend) or {}
+        retained = list((backend.get("status") or {}).get("retainedVolumes", []))
+        if not any(r.get("id") == backend_id for r in retained):
+            retained.append({"id": backend_id, "volume": owner, "retainedAt": now()})
+            kube.patch_status(BACKENDS, self.backend, {"retainedVolumes": retained})
+
+    def collect_orphans(self) -> list[str]:
+        """Delete backend objects whose CR no longer exists (crash leftovers); returns their ids.
+
+        The backend is listed before the API: a CR always exists before its object is made,
+        so an object found first whose CR is missing later is garbage.
+        """
+        on_backend = {pool.name: self.driver.list_objects(pool.name) for pool in self.driver.pools()}
+        wanted = {volume_backend_id(v["metadata"]["uid"]) for v in kube.list_all(VOLUMES)}
+        wanted |= {snapshot_backend_id(s["metadata"]["uid"]) for s in kube.list_all(SNAPSHOTS)}
+        backend = kube.get(BACKENDS, self.backend) or {}
+        wanted |= {r["id"] for r in (backend.get("status") or {}).get("retainedVolumes", [])}
+        collected = []
+        for pool, ids in on_backend.items():
+            for backend_id in ids:
+                if backend_id in wanted or not backend_id.startswith(("vol-", "snap-")):
+                    continue
+                log.warning("collecting orphan %s in %s/%s (no CR owns it)", backend_id, self.backend, pool)
+                if backend_id.startswith("vol-"):
+                    self.driver.delete_volume(backend_id, pool)
+                else:
+                    self.driver.delete_snapshot(backend_id, pool)
+                collected.append(backend_id)
+        if collected:
+            self.publish_capacity()
+        return collected
+
+
+def build_registry(dock: Dock, capacity_interval: float = 30.0,
+                   orphan_interval: float = 300.0) -> kopf.OperatorRegistry:
     """kopf handlers for one backend, filtered to the objects placed on it."""
     registry = kopf.OperatorRegistry()
     mine_volume = {"when": lambda spec, **_: spec.get("backend") == dock.backend and bool(spec.get("pool"))}
@@ -230,10 +312,16 @@ def build_registry(dock: Dock, capacity_interval: float = 30.0) -> kopf.Operator
     @kopf.on.create(GROUP, VERSION, BACKENDS, registry=registry, **mine_backend)  # type: ignore[arg-type]
     def backend_register(**_: Any) -> None:
         dock.publish_capacity()
+        dock.collect_orphans()
 
     @kopf.timer(GROUP, VERSION, BACKENDS, interval=capacity_interval, registry=registry,
                 **mine_backend)  # type: ignore[arg-type]
     def backend_capacity(**_: Any) -> None:
         dock.publish_capacity()
+
+    @kopf.timer(GROUP, VERSION, BACKENDS, interval=orphan_interval, initial_delay=orphan_interval,
+                registry=registry, **mine_backend)  # type: ignore[arg-type]
+    def backend_orphans(**_: Any) -> None:
+        dock.collect_orphans()
 
     return registry
