@@ -75,6 +75,7 @@ def main() -> None:
             time.sleep(0.2)
         created: dict[str, float] = {}
         available: dict[str, float] = {}
+        scheduled: dict[str, float] = {}
         done = threading.Event()
 
         def follow() -> None:
@@ -82,6 +83,8 @@ def main() -> None:
             for event in w.stream(crs.list_namespaced_custom_object, G, V, ns, "volumes", timeout_seconds=600):
                 obj = event["object"]
                 name = obj["metadata"]["name"]
+                if obj["spec"].get("backend") and name not in scheduled:
+                    scheduled[name] = time.monotonic()
                 if (obj.get("status") or {}).get("phase") == "Available" and name not in available:
                     available[name] = time.monotonic()
                     if len(available) == args.n:
@@ -106,6 +109,8 @@ def main() -> None:
             raise SystemExit(f"only {len(available)}/{args.n} Available after 600 s")
         total = max(available.values()) - start
         latencies = [available[n] - created[n] for n in created]
+        to_scheduled = [scheduled[n] - created[n] for n in created]
+        to_available = [available[n] - scheduled[n] for n in created]
         op_rss, dock_rss = peak_rss_mib(operator.pid), peak_rss_mib(dock.pid)
 
         start_delete = time.monotonic()
@@ -117,6 +122,8 @@ def main() -> None:
         print(f"volumes: {args.n} x {args.size}, {args.clients} client threads, file backend")
         print(f"create -> Available: median {statistics.median(latencies):.2f} s, p95 {pct(latencies, 0.95):.2f} s, "
               f"max {max(latencies):.2f} s")
+        print(f"  of which create -> Scheduled (operator): median {statistics.median(to_scheduled):.2f} s, "
+              f"Scheduled -> Available (dock): median {statistics.median(to_available):.2f} s")
         print(f"all {args.n} Available in {total:.1f} s ({args.n / total:.1f} volumes/s)")
         print(f"all {args.n} deleted (CRs and files) in {delete_total:.1f} s; backing files left: {len(leftovers)}")
         print(f"peak RSS: operator {op_rss:.0f} MiB, dock {dock_rss:.0f} MiB")

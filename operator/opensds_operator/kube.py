@@ -18,11 +18,15 @@ Obj = dict[str, Any]
 @functools.cache
 def api_client() -> client.ApiClient:
     """One client per process: in-cluster credentials, else $KUBECONFIG / ~/.kube/config."""
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+        config.load_kube_config(client_configuration=configuration)
+    # Handlers run in kopf's thread pool: one pooled connection per worker avoids a new TLS
+    # handshake for every call once more than urllib3's default 10 are busy.
+    configuration.connection_pool_maxsize = 64
+    return client.ApiClient(configuration)
 
 
 def custom() -> client.CustomObjectsApi:

@@ -25,7 +25,6 @@ def settings_for(role: str) -> kopf.OperatorSettings:
         prefix=prefix, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # handler chatter stays in logs; Events are ours
     settings.watching.server_timeout = 300
-    settings.batching.worker_limit = 64
     settings.execution.max_workers = 32
     return settings
 

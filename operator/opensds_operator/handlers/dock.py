@@ -8,6 +8,7 @@ finishes the job after a restart (kopf `resume` handlers) without leaking or dup
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -56,9 +57,31 @@ def guarded(obj: dict[str, Any] | None) -> bool:
 
 
 class Dock:
+    CAPACITY_COALESCE_SECONDS = 0.5
+
     def __init__(self, backend: str, driver: Driver) -> None:
         self.backend = backend
         self.driver = driver
+        self._capacity_lock = threading.Lock()
+        self._capacity_pending = False
+
+    def capacity_changed(self) -> None:
+        """Publish capacity soon; a burst of changes within half a second costs one report."""
+        with self._capacity_lock:
+            if self._capacity_pending:
+                return
+            self._capacity_pending = True
+        timer = threading.Timer(self.CAPACITY_COALESCE_SECONDS, self._publish_pending)
+        timer.daemon = True
+        timer.start()
+
+    def _publish_pending(self) -> None:
+        with self._capacity_lock:
+            self._capacity_pending = False
+        try:
+            self.publish_capacity()
+        except Exception:  # the steady timer reports again; never kill the timer thread loudly
+            log.exception("capacity report failed")
 
     def record_intent(self, plural: str, body: kopf.Body, status: dict[str, Any]) -> None:
         """Write what is about to happen into status; raise ObjectGone unless it is still wanted."""
@@ -170,7 +193,7 @@ class Dock:
             return
         if event:
             kube.post_event(dict(body), *event, component="opensds-dock")
-            self.publish_capacity()
+            self.capacity_changed()
 
     def delete_volume(self, body: kopf.Body) -> None:
         meta, spec = body["metadata"], body["spec"]
@@ -187,7 +210,7 @@ class Dock:
         except (DriverError, OSError) as e:
             self._fail(VOLUMES, body, e, phase=None)
             raise kopf.TemporaryError(str(e), delay=10) from e
-        self.publish_capacity()
+        self.capacity_changed()
 
     # ------------------------------------------------------------ snapshots
 
@@ -232,7 +255,7 @@ class Dock:
             return
         if not already:
             kube.post_event(dict(body), "SnapshotCreated", f"created {snap_id}", component="opensds-dock")
-            self.publish_capacity()
+            self.capacity_changed()
 
     def delete_snapshot(self, body: kopf.Body) -> None:
         meta = body["metadata"]
@@ -240,7 +263,7 @@ class Dock:
             self.driver.delete_snapshot(snapshot_backend_id(meta["uid"]), meta["labels"]["opensds.io/pool"])
         except (DriverError, OSError) as e:
             raise kopf.TemporaryError(str(e), delay=10) from e
-        self.publish_capacity()
+        self.capacity_changed()
 
 
     # ------------------------------------------------------------ retention and orphans
@@ -276,7 +299,7 @@ class Dock:
                     self.driver.delete_snapshot(backend_id, pool)
                 collected.append(backend_id)
         if collected:
-            self.publish_capacity()
+            self.capacity_changed()
         return collected
 
 

@@ -30,7 +30,7 @@ from ..api import (
 )
 from ..conditions import set_condition
 from ..quantity import parse_bytes
-from ..scheduler import PoolKey, pools_from_backend, request_for, schedule
+from ..scheduler import Pool, PoolKey, pools_from_backend, request_for, schedule
 from ..storageclass import needs_recreate, snapshot_class, storage_class
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,19 @@ def backend_delete(name: str, status: kopf.Status, body: kopf.Body, **_: Any) ->
 
 # ---------------------------------------------------------------- Volume placement
 
+@kopf.index(GROUP, VERSION, BACKENDS, registry=registry)
+async def backend_pools(name: str, body: kopf.Body, **_: Any) -> dict[str, list[Pool]]:
+    """StorageBackend name -> its pools as the scheduler sees them (kept current by the watch)."""
+    return {name: pools_from_backend(dict(body), Settings.default_over_subscription_ratio)}
+
+
+@kopf.index(GROUP, VERSION, PROFILES, registry=registry)
+async def profile_specs(name: str, spec: kopf.Spec, **_: Any) -> dict[str, dict[str, Any]]:
+    return {name: dict(spec)}
+
+
 @kopf.index(GROUP, VERSION, VOLUMES, registry=registry)
-def placed_volumes(spec: kopf.Spec, uid: str, **_: Any) -> dict[PoolKey, tuple[str, int]] | None:
+async def placed_volumes(spec: kopf.Spec, uid: str, **_: Any) -> dict[PoolKey, tuple[str, int]] | None:
     """(backend, pool) -> (uid, bytes) for every Volume already placed."""
     if not spec.get("backend") or not spec.get("pool"):
         return None
@@ -246,8 +257,11 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
                     body: kopf.Body, **kwargs: Any) -> None:
     assert namespace is not None
     placed_volumes: kopf.Index[PoolKey, tuple[str, int]] = kwargs["placed_volumes"]
+    backend_pools: kopf.Index[str, list[Pool]] = kwargs["backend_pools"]
+    profile_specs: kopf.Index[str, dict[str, Any]] = kwargs["profile_specs"]
     status_d = dict(status)
-    profile = kube.get(PROFILES, spec["profile"])
+    known = profile_specs.get(spec["profile"])
+    profile = {"spec": next(iter(known))} if known else kube.get(PROFILES, spec["profile"])
     if profile is None:
         _fail_pending(body, status_d, "ProfileNotFound",
                       f"StorageProfile {spec['profile']} does not exist; create it or fix spec.profile",
@@ -256,8 +270,7 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
     size = parse_bytes(spec["size"])
     source_pool = _source_pool(namespace, dict(spec["source"]), body, status_d) if spec.get("source") else None
     request = request_for(dict(spec), profile.get("spec", {}), size, source_pool)
-    pools = [p for b in kube.list_all(BACKENDS)
-             for p in pools_from_backend(b, Settings.default_over_subscription_ratio)]
+    pools = [p for name_ in backend_pools for pools_ in backend_pools[name_] for p in pools_]
     with _placement_lock:
         decision = schedule(request, pools, committed_bytes(placed_volumes))
         if decision.pool is None:
@@ -266,8 +279,13 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
                           Settings.retry_unschedulable_seconds)
             return
         chosen = decision.pool
+        _recent_placements[uid] = (chosen.key, size)  # counted from now on; the API write is outside the lock
+    try:
         kube.patch(VOLUMES, name, {"spec": {"backend": chosen.backend, "pool": chosen.name}}, namespace)
-        _recent_placements[uid] = (chosen.key, size)
+    except Exception:
+        with _placement_lock:
+            _recent_placements.pop(uid, None)
+        raise
     kube.patch_status(VOLUMES, name, {
         "phase": PENDING,
         "conditions": set_condition(status_d.get("conditions"), SCHEDULED, True, "Scheduled",
@@ -277,8 +295,11 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
 
 
 @kopf.on.event(GROUP, VERSION, VOLUMES, registry=registry)
-def forget_recent_placement(uid: str, spec: kopf.Spec, type: str | None, **_: Any) -> None:
-    """Once the index has seen a placement (or the Volume is gone), stop counting it twice."""
+async def forget_recent_placement(uid: str, spec: kopf.Spec, type: str | None, **_: Any) -> None:
+    """Once the index has seen a placement (or the Volume is gone), stop counting it twice.
+
+    Async (and the index functions too): pure bookkeeping, so it runs on kopf's event loop
+    instead of paying a thread-pool hop for each of the many events a Volume produces."""
     if type == "DELETED" or spec.get("backend"):
         with _placement_lock:
             _recent_placements.pop(uid, None)
