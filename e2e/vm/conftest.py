@@ -1,0 +1,40 @@
+"""Fixtures for tests that run inside the real-kernel VM (hack/vm.sh)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("OPENSDS_IN_VM") != "1":
+    raise RuntimeError("e2e/vm runs inside the VM: use `make e2e` (hack/vm.sh), not pytest on the host")
+
+SCRATCH = Path(os.environ["OPENSDS_VM_SCRATCH"])
+
+
+def sh(*args: str) -> str:
+    done = subprocess.run(list(args), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+@pytest.fixture
+def thin_pool() -> Iterator[tuple[str, str]]:
+    """A volume group on a loop device with a 1 GiB thin pool; torn down afterwards."""
+    vg = f"vg{uuid.uuid4().hex[:6]}"
+    image = Path("/run") / f"{vg}.img"  # tmpfs inside the VM: nothing reaches the host
+    sh("truncate", "-s", "2G", str(image))
+    for module in ("loop", "dm-thin-pool"):
+        sh("modprobe", module)
+    loop = sh("losetup", "--find", "--show", str(image)).strip()
+    sh("pvcreate", "-qq", loop)
+    sh("vgcreate", "-qq", vg, loop)
+    sh("lvcreate", "-qq", "-L", "1G", "-T", f"{vg}/thinpool")
+    yield vg, "thinpool"
+    subprocess.run(["vgremove", "-qq", "-f", vg], check=False)
+    subprocess.run(["losetup", "-d", loop], check=False)
+    image.unlink()
