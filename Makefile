@@ -38,8 +38,8 @@ integration: venv tools
 test: lint typecheck tools
 	$(PY) -m pytest -q -rs tests
 
-e2e: venv                    ## real-kernel VM tier: the tests in e2e/vm run inside hack/vm.sh
-	bash hack/vm.sh python -m pytest -q -rs -p no:cacheprovider e2e/vm
+e2e: venv tools              ## real-kernel VM tier: the tests in e2e/vm run inside hack/vm.sh
+	bash hack/e2e.sh
 
 up: venv tools               ## control plane + CRDs + operator/dock/CSI on the file backend
 	bash hack/up.sh

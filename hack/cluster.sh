@@ -79,8 +79,10 @@ ensure_pki() {
     openssl req -x509 -newkey rsa:2048 -nodes -keyout "$PKI/ca.key" -out "$PKI/ca.crt" \
       -days 3650 -subj "/CN=opensds-local-ca" 2>/dev/null
   fi
+  # 10.0.2.100 is where the VM tier (hack/vm.sh) reaches this apiserver: a QEMU guestfwd
+  # rule turns it into a loopback connection to 127.0.0.1:$API_PORT on this host.
   gen_cert apiserver "/CN=kube-apiserver" \
-    "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.0.0.1"
+    "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.0.0.1,IP:10.0.2.100"
   gen_cert admin "/O=system:masters/CN=opensds-admin"
   gen_cert kube-controller-manager "/CN=system:kube-controller-manager"
   gen_cert kube-scheduler "/CN=system:kube-scheduler"
