@@ -96,7 +96,8 @@ def test_lvm_backend_volume_snapshot_restore_expand_delete(
         vol = create("volumes", "Volume", "data", {"size": "64Mi", "profile": profile})
         wait(lambda: phase("data") == "Available", 180, "Volume Available")
         device = f"/dev/{vg}/vol-{vol['metadata']['uid']}"
-        assert int(sh("blockdev", "--getsize64", device)) == 64 * MiB == get("volumes", "data")["status"]["capacityBytes"]
+        capacity = get("volumes", "data")["status"]["capacityBytes"]
+        assert int(sh("blockdev", "--getsize64", device)) == 64 * MiB == capacity
         fd = os.open(device, os.O_WRONLY)
         os.pwrite(fd, os.urandom(4 * MiB), 2 * MiB)
         os.fsync(fd)
