@@ -122,23 +122,29 @@ def profile_reconcile(name: str, spec: kopf.Spec, status: kopf.Status, meta: kop
         kube.post_event(dict(body), "StorageClassSynced", f"StorageClass {name} {outcome}")
 
 
-def volumes_using_profile(profile: str) -> list[str]:
+def volumes_where(field: str, value: str) -> list[str]:
+    """namespace/name of every Volume whose spec.<field> is value."""
     return sorted(
         f"{v['metadata']['namespace']}/{v['metadata']['name']}"
-        for v in kube.list_all(VOLUMES) if v.get("spec", {}).get("profile") == profile
+        for v in kube.list_all(VOLUMES) if v.get("spec", {}).get(field) == value
     )
 
 
+def refuse_deletion_while_used(plural: str, what: str, body: kopf.Body, users: list[str]) -> None:
+    """In-use protection (like kubernetes.io/pvc-protection): keep the finalizer, say who uses it."""
+    name = body["metadata"]["name"]
+    shown = ", ".join(users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
+    message = f"{what} {name} is still used by Volumes {shown}; delete them first"
+    kube.patch_status(plural, name, {"conditions": set_condition(
+        (body.get("status") or {}).get("conditions"), IN_USE, True, "DeletionBlocked", message)})
+    kube.post_event(dict(body), "DeletionBlocked", message, warning=True)
+    raise kopf.TemporaryError(message, delay=15)
+
+
 @kopf.on.delete(GROUP, VERSION, PROFILES, registry=registry)
-def profile_delete(name: str, status: kopf.Status, body: kopf.Body, **_: Any) -> None:
-    users = volumes_using_profile(name)
-    if users:
-        shown = ", ".join(users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
-        message = f"StorageProfile {name} is still used by Volumes {shown}; delete them first"
-        kube.patch_status(PROFILES, name, {"conditions": set_condition(
-            status.get("conditions"), IN_USE, True, "DeletionBlocked", message)})
-        kube.post_event(dict(body), "DeletionBlocked", message, warning=True)
-        raise kopf.TemporaryError(message, delay=15)
+def profile_delete(name: str, body: kopf.Body, **_: Any) -> None:
+    if users := volumes_where("profile", name):
+        refuse_deletion_while_used(PROFILES, "StorageProfile", body, users)
     _ignore_missing(_storage_api().delete_storage_class, name)
     _ignore_missing(kube.custom().delete_cluster_custom_object,
                     "snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name)
@@ -152,25 +158,10 @@ def _ignore_missing(call: Callable[..., object], *args: str) -> None:
             raise
 
 
-# ---------------------------------------------------------------- StorageBackend
-
-def volumes_on_backend(backend: str) -> list[str]:
-    return sorted(
-        f"{v['metadata']['namespace']}/{v['metadata']['name']}"
-        for v in kube.list_all(VOLUMES) if v.get("spec", {}).get("backend") == backend
-    )
-
-
 @kopf.on.delete(GROUP, VERSION, BACKENDS, registry=registry)
-def backend_delete(name: str, status: kopf.Status, body: kopf.Body, **_: Any) -> None:
-    users = volumes_on_backend(name)
-    if users:
-        message = (f"StorageBackend {name} still holds Volumes {', '.join(users[:10])}"
-                   f"{' and more' if len(users) > 10 else ''}; delete them first")
-        kube.patch_status(BACKENDS, name, {"conditions": set_condition(
-            status.get("conditions"), IN_USE, True, "DeletionBlocked", message)})
-        kube.post_event(dict(body), "DeletionBlocked", message, warning=True)
-        raise kopf.TemporaryError(message, delay=15)
+def backend_delete(name: str, body: kopf.Body, **_: Any) -> None:
+    if users := volumes_where("backend", name):
+        refuse_deletion_while_used(BACKENDS, "StorageBackend", body, users)
 
 
 # ---------------------------------------------------------------- Volume placement
