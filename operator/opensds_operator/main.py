@@ -83,7 +83,9 @@ def run_dock() -> None:
         kube.post_event(backend, "InvalidParameters", str(e), warning=True, component="opensds-dock")
         raise SystemExit(f"opensds-dock: {e}") from e
     dock = Dock(args.backend, driver)
-    registry = build_registry(dock, args.capacity_interval, args.orphan_interval)
+    # The backend may set its own report interval; the scheduler's staleness check uses it too.
+    interval = float(backend["spec"].get("capacityReportIntervalSeconds", args.capacity_interval))
+    registry = build_registry(dock, interval, args.orphan_interval)
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.run(registry=registry, settings=settings_for("dock"), standalone=True, clusterwide=True,
              liveness_endpoint=args.liveness)

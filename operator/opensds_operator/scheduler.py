@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from .quantity import format_bytes
@@ -66,6 +67,8 @@ class Pool:
     capabilities: Capabilities
     topology: Mapping[str, str] = field(default_factory=dict)
     over_subscription_ratio: float = 1.0
+    last_probe: float | None = None  # epoch seconds of the dock's last capacity report
+    stale_after: float = 100.0  # a report older than this means the dock is not running
 
     @property
     def key(self) -> PoolKey:
@@ -89,6 +92,7 @@ class Request:
     allowed_topology: Sequence[Mapping[str, str]] = ()
     pinned_backend: str | None = None
     pinned_pool: str | None = None
+    at: float | None = None  # scheduling time (epoch seconds); None skips the staleness check
     source_pool: PoolKey | None = None  # snapshots and clones are made inside their source's pool
 
 
@@ -99,8 +103,13 @@ def _segment_matches(segment: Mapping[str, str], topology: Mapping[str, str]) ->
     return all(topology.get(k) == v for k, v in segment.items())
 
 
-def backend_ready(_r: Request, p: Pool, _c: int) -> str | None:
-    return None if p.ready else "backend not Ready"
+def backend_ready(r: Request, p: Pool, _c: int) -> str | None:
+    if not p.ready:
+        return "backend not Ready"
+    if r.at is not None and (p.last_probe is None or r.at - p.last_probe > p.stale_after):
+        age = "never" if p.last_probe is None else f"{r.at - p.last_probe:.0f}s ago"
+        return f"capacity report is stale (last {age}); is the backend's dock running?"
+    return None
 
 
 def placement(r: Request, p: Pool, _c: int) -> str | None:
@@ -238,12 +247,18 @@ def schedule(
     return Decision(fits[0][2], rejections)
 
 
+DEFAULT_REPORT_INTERVAL = 30.0
+
+
 def pools_from_backend(backend: Mapping[str, Any], default_ratio: float = 1.0) -> list[Pool]:
     """Pools of a StorageBackend object as the scheduler sees them."""
     spec, status = backend.get("spec", {}), backend.get("status", {}) or {}
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
     ratio = float(spec.get("maxOverSubscriptionRatio", default_ratio))
     name = backend["metadata"]["name"]
+    probe = status.get("lastProbeTime")
+    last_probe = datetime.strptime(probe, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp() if probe else None
+    stale_after = 3 * float(spec.get("capacityReportIntervalSeconds", DEFAULT_REPORT_INTERVAL)) + 10
     return [
         Pool(
             backend=name,
@@ -255,6 +270,8 @@ def pools_from_backend(backend: Mapping[str, Any], default_ratio: float = 1.0) -
             capabilities=Capabilities.from_status(p.get("capabilities", {})),
             topology={**spec.get("topology", {}), **p.get("topology", {})},
             over_subscription_ratio=ratio,
+            last_probe=last_probe,
+            stale_after=stale_after,
         )
         for p in status.get("pools", [])
     ]

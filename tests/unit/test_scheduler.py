@@ -140,3 +140,19 @@ def test_pools_and_request_are_read_from_api_objects() -> None:
                      "provisioning": {"type": "thick", "multiAttach": True}, "customProperties": {"k": "v"}}, 5)
     assert (r.provisioning, r.multi_attach, r.custom_properties, r.requisite_topology) == (
         "thick", True, {"k": "v"}, [{"zone": "a"}])
+
+
+def test_backend_whose_dock_stopped_reporting_is_refused() -> None:
+    fresh, stale = pool("fresh", last_probe=1000.0), pool("stale", last_probe=800.0)
+    decision = schedule(Request(GiB, at=1050.0), [fresh, stale], {})
+    assert decision.pool is not None and decision.pool.name == "fresh"
+    assert decision.rejections == {
+        "b/stale": "capacity report is stale (last 250s ago); is the backend's dock running?"}
+    assert "(last never)" in refusal(Request(GiB, at=1.0), pool(last_probe=None))
+
+
+def test_staleness_window_follows_the_backends_report_interval() -> None:
+    backend = {"metadata": {"name": "b"}, "spec": {"capacityReportIntervalSeconds": 5},
+               "status": {"lastProbeTime": "2026-01-01T00:00:00Z", "pools": [{"name": "p"}]}}
+    [p] = pools_from_backend(backend)
+    assert p.stale_after == 25 and p.last_probe == 1767225600.0

@@ -122,6 +122,14 @@ class Dock:
                                         f"dock serving {len(pools)} pool(s) with driver {self.driver.name}"),
         })
 
+    def report_stopped(self) -> None:
+        """On a clean shutdown: tell the scheduler right away instead of letting the report go stale."""
+        obj = kube.get(BACKENDS, self.backend)
+        if obj is not None:
+            kube.patch_status(BACKENDS, self.backend, {"conditions": set_condition(
+                (obj.get("status") or {}).get("conditions"), READY, False, "DockStopped",
+                "the dock serving this backend stopped; volumes are not placed here until it is back")})
+
     # ------------------------------------------------------------ volumes
 
     def _fail(self, plural: str, body: kopf.Body, error: Exception, phase: str | None = ERROR) -> None:
@@ -341,6 +349,10 @@ def build_registry(dock: Dock, capacity_interval: float = 30.0,
                 **mine_backend)  # type: ignore[arg-type]
     def backend_capacity(**_: Any) -> None:
         dock.publish_capacity()
+
+    @kopf.on.cleanup(registry=registry)
+    def dock_stopping(**_: Any) -> None:
+        dock.report_stopped()
 
     @kopf.timer(GROUP, VERSION, BACKENDS, interval=orphan_interval, initial_delay=orphan_interval,
                 registry=registry, **mine_backend)  # type: ignore[arg-type]

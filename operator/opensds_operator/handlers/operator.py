@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -260,7 +262,7 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
         return
     size = parse_bytes(spec["size"])
     source_pool = _source_pool(namespace, dict(spec["source"]), body, status_d) if spec.get("source") else None
-    request = request_for(dict(spec), profile.get("spec", {}), size, source_pool)
+    request = replace(request_for(dict(spec), profile.get("spec", {}), size, source_pool), at=time.time())
     pools = [p for name_ in backend_pools for pools_ in backend_pools[name_] for p in pools_]
     with _placement_lock:
         decision = schedule(request, pools, committed_bytes(placed_volumes))
