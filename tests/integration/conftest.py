@@ -89,7 +89,6 @@ class Stack:
     """The operator and one dock serving a file StorageBackend, as real processes."""
     backend: str
     backend_dir: Path
-    node: str
 
 
 def service_account_kubeconfig(cluster: Cluster, account: str, path: Path) -> Path:
@@ -194,7 +193,7 @@ def stack(processes: Processes, cluster: Cluster) -> Stack:
     wait_for(lambda: _ready(api.get_cluster_custom_object("opensds.io", "v1alpha1", "storagebackends",
                                                           processes.backend)), 60, "backend Ready")
     backend_dir = processes.logs / "backend"
-    return Stack(processes.backend, backend_dir, "node-1")
+    return Stack(processes.backend, backend_dir)
 
 
 def _ready(obj: dict[str, object]) -> bool:

@@ -53,14 +53,9 @@ class LvmDriver:
         self.vg = volume_group
         self.thin_pool = thin_pool
 
-    def _lvs(self, target: str | None = None) -> list[dict[str, Any]]:
-        args = ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", LV_FIELDS]
-        try:
-            return parse_lvs(_run(*args, target or self.vg))
-        except DriverError:
-            if target is not None:
-                return []
-            raise
+    def _lvs(self) -> list[dict[str, Any]]:
+        """Every LV of the volume group, as rows of `lvs --reportformat json`."""
+        return parse_lvs(_run("lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", LV_FIELDS, self.vg))
 
     def _check_pool(self, pool: str) -> None:
         if pool != self.thin_pool:
