@@ -44,3 +44,9 @@ class FailedPrecondition(CsiError):
 
 class Unavailable(CsiError):
     code_name = "UNAVAILABLE"
+
+
+class DeadlineExceeded(CsiError):
+    """The backend work goes on; the CO retries the (idempotent) call and finds it done."""
+
+    code_name = "DEADLINE_EXCEEDED"

@@ -11,6 +11,10 @@ VOLUMES = "volumes"
 SNAPSHOTS = "snapshots"
 
 CSI_DRIVER_NAME = "block.csi.opensds.io"
+# Topology key a node-local volume (accessProtocol local) is confined to; the CSI node
+# plugin reports it in NodeGetInfo, so PVs get node affinity to their backend's node.
+NODE_TOPOLOGY_KEY = "topology.block.csi.opensds.io/node"
+NODE_LOCAL_PROTOCOLS = frozenset({"local"})
 PROFILE_LABEL = "opensds.io/profile"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "opensds-operator"

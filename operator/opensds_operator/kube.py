@@ -63,6 +63,22 @@ def patch(plural: str, name: str, body: Obj, namespace: str | None = None) -> Ob
     return obj
 
 
+def create(plural: str, body: Obj, namespace: str) -> Obj:
+    obj: Obj = custom().create_namespaced_custom_object(GROUP, VERSION, namespace, plural, body)
+    return obj
+
+
+def delete(plural: str, name: str, namespace: str) -> bool:
+    """Request deletion; False when the object is already gone."""
+    try:
+        custom().delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
 def patch_status(plural: str, name: str, status: Obj, namespace: str | None = None) -> Obj | None:
     """Merge-patch status; None when the object is already gone."""
     try:

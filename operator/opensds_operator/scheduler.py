@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .api import NODE_LOCAL_PROTOCOLS, NODE_TOPOLOGY_KEY
 from .quantity import format_bytes
 
 PoolKey = tuple[str, str]  # (backend, pool)
@@ -69,6 +70,13 @@ class Pool:
     over_subscription_ratio: float = 1.0
     last_probe: float | None = None  # epoch seconds of the dock's last capacity report
     stale_after: float = 100.0  # a report older than this means the dock is not running
+    node: str | None = None  # the node hosting a node-local backend
+
+    def topology_for(self, protocol: str) -> dict[str, str]:
+        """Where a volume of this pool is reachable: node-local protocols add the backend's node."""
+        if self.node and protocol in NODE_LOCAL_PROTOCOLS:
+            return {**self.topology, NODE_TOPOLOGY_KEY: self.node}
+        return dict(self.topology)
 
     @property
     def key(self) -> PoolKey:
@@ -100,7 +108,9 @@ Filter = Callable[[Request, Pool, int], str | None]  # (request, pool, committed
 
 
 def _segment_matches(segment: Mapping[str, str], topology: Mapping[str, str]) -> bool:
-    return all(topology.get(k) == v for k, v in segment.items())
+    """A key the pool does not carry does not confine it: a network pool without a node label
+    is reachable from every node, so it matches the per-node segments CSI passes."""
+    return all(topology.get(k, v) == v for k, v in segment.items())
 
 
 def backend_ready(r: Request, p: Pool, _c: int) -> str | None:
@@ -163,8 +173,9 @@ def custom_properties(r: Request, p: Pool, _c: int) -> str | None:
 
 def topology(r: Request, p: Pool, _c: int) -> str | None:
     for constraint, what in ((r.requisite_topology, "requisite"), (r.allowed_topology, "allowed")):
-        if constraint and not any(_segment_matches(seg, p.topology) for seg in constraint):
-            return f"topology {dict(p.topology)} outside the {what} topology"
+        reach = p.topology_for(r.protocol)
+        if constraint and not any(_segment_matches(seg, reach) for seg in constraint):
+            return f"topology {reach} outside the {what} topology"
     return None
 
 
@@ -185,6 +196,21 @@ def capacity(r: Request, p: Pool, committed: int) -> str | None:
     return None
 
 
+def available_bytes(r: Request, p: Pool) -> int:
+    """What a new volume of this request could still get from the pool (for CSI GetCapacity)."""
+    ratio = p.over_subscription_ratio if r.provisioning == "thin" else 1.0
+    left = max(int(p.total_bytes * ratio) - p.provisioned_bytes, 0)
+    if r.provisioning == "thick":
+        left = min(left, p.free_bytes)
+    return left
+
+
+def largest_volume_bytes(r: Request, p: Pool) -> int:
+    """The biggest single volume of this request the pool could make now."""
+    left = available_bytes(r, p)
+    return min(left, p.capabilities.max_volume_bytes) if p.capabilities.max_volume_bytes else left
+
+
 DEFAULT_FILTERS: tuple[Filter, ...] = (
     backend_ready, placement, source_locality, storage_type, protocol, provisioning,
     multi_attach, custom_properties, topology, capacity,
@@ -202,7 +228,7 @@ def free_space_weigher(r: Request, p: Pool, committed: int) -> float:
 def preferred_topology_weigher(r: Request, p: Pool, _c: int) -> float:
     """1 for the first preferred segment, decreasing for later ones, 0 for none (CSI semantics)."""
     for i, seg in enumerate(r.preferred_topology):
-        if _segment_matches(seg, p.topology):
+        if _segment_matches(seg, p.topology_for(r.protocol)):
             return 1.0 - i / (len(r.preferred_topology) + 1)
     return 0.0
 
@@ -272,6 +298,7 @@ def pools_from_backend(backend: Mapping[str, Any], default_ratio: float = 1.0) -
             over_subscription_ratio=ratio,
             last_probe=last_probe,
             stale_after=stale_after,
+            node=spec.get("nodeName"),
         )
         for p in status.get("pools", [])
     ]

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import CSI_DRIVER_NAME, MANAGED_BY, MANAGED_BY_LABEL, PROFILE_LABEL
-
-NODE_LOCAL_PROTOCOLS = frozenset({"local"})
+from .api import CSI_DRIVER_NAME, MANAGED_BY, MANAGED_BY_LABEL, NODE_LOCAL_PROTOCOLS, PROFILE_LABEL
 
 
 def is_topology_constrained(profile_spec: dict[str, Any]) -> bool:

@@ -16,3 +16,6 @@ def test_kustomize_output_passes_server_side_dry_run(cluster: Cluster) -> None:
     assert result.returncode == 0, result.stderr
     assert "deployment.apps/opensds-operator serverside-applied (server dry run)" in result.stdout
     assert "daemonset.apps/opensds-dock serverside-applied (server dry run)" in result.stdout
+    assert "deployment.apps/opensds-csi-controller serverside-applied (server dry run)" in result.stdout
+    assert "daemonset.apps/opensds-csi-node serverside-applied (server dry run)" in result.stdout
+    assert "csidriver.storage.k8s.io/block.csi.opensds.io serverside-applied (server dry run)" in result.stdout

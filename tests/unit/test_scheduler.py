@@ -156,3 +156,16 @@ def test_staleness_window_follows_the_backends_report_interval() -> None:
                "status": {"lastProbeTime": "2026-01-01T00:00:00Z", "pools": [{"name": "p"}]}}
     [p] = pools_from_backend(backend)
     assert p.stale_after == 25 and p.last_probe == 1767225600.0
+
+
+def test_node_local_volumes_are_confined_to_the_backend_node() -> None:
+    local = pool(node="node-1")
+    on_node = [{"topology.block.csi.opensds.io/node": "node-1"}]
+    elsewhere = [{"topology.block.csi.opensds.io/node": "node-2"}]
+    assert schedule(Request(size_bytes=GiB, requisite_topology=on_node), [local], {}).pool is not None
+    assert "outside the requisite topology" in refusal(Request(size_bytes=GiB, requisite_topology=elsewhere), local)
+    # a network protocol reaches any node: the node key does not constrain it
+    assert schedule(Request(size_bytes=GiB, protocol="iscsi", requisite_topology=elsewhere), [local],
+                    {}).pool is not None
+    assert local.topology_for("iscsi") == {"zone": "a"}
+    assert local.topology_for("local") == {"zone": "a", "topology.block.csi.opensds.io/node": "node-1"}

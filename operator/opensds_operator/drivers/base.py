@@ -6,6 +6,7 @@ makes a dock safe to kill at any point and re-run.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +55,19 @@ class Source:
     backend_id: str
 
 
+# publish_context keys the CSI node reads (the connector is chosen by "transport").
+TRANSPORT_KEY = "transport"
+PATH_KEY = "path"
+
+
+def local_export(driver: Driver, backend_id: str, pool: str) -> dict[str, str]:
+    """Export of a node-local driver: the node opens the backend's file or device directly."""
+    info = driver.get_volume(backend_id, pool)
+    if info is None or not info.path:
+        raise NotFound(f"volume {backend_id} not found in pool {pool}")
+    return {TRANSPORT_KEY: "local", PATH_KEY: info.path}
+
+
 class Driver(Protocol):
     name: str
 
@@ -72,6 +86,14 @@ class Driver(Protocol):
     def create_snapshot(self, backend_id: str, pool: str, volume_id: str) -> SnapshotInfo: ...
 
     def delete_snapshot(self, backend_id: str, pool: str) -> None: ...
+
+    def export(self, backend_id: str, pool: str, hosts: Sequence[str]) -> dict[str, str]:
+        """Make the volume reachable by exactly these nodes (none: by nobody).
+
+        Returns the publish_context a node needs to connect: "transport" names the node's
+        connector, the other keys are transport-specific.
+        """
+        ...
 
     def list_objects(self, pool: str) -> list[str]:
         """Backend ids of every volume and snapshot in the pool (for leak checks and GC)."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ..scheduler import Capabilities
-from .base import NotFound, PermanentDriverError, PoolStats, SnapshotInfo, Source, VolumeInfo
+from .base import NotFound, PermanentDriverError, PoolStats, SnapshotInfo, Source, VolumeInfo, local_export
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 TMP_SUFFIX = ".partial"
@@ -187,6 +188,9 @@ class FileDriver:
     def delete_snapshot(self, backend_id: str, pool: str) -> None:
         self._check_pool(pool)
         self._snap(backend_id).unlink(missing_ok=True)
+
+    def export(self, backend_id: str, pool: str, hosts: Sequence[str]) -> dict[str, str]:
+        return local_export(self, backend_id, pool)
 
     def list_objects(self, pool: str) -> list[str]:
         self._check_pool(pool)

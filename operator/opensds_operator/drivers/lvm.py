@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from ..scheduler import Capabilities
-from .base import DriverError, NotFound, PermanentDriverError, PoolStats, SnapshotInfo, Source, VolumeInfo
+from .base import (
+    DriverError,
+    NotFound,
+    PermanentDriverError,
+    PoolStats,
+    SnapshotInfo,
+    Source,
+    VolumeInfo,
+    local_export,
+)
 
 LV_FIELDS = "lv_name,lv_size,data_percent,pool_lv,lv_attr,lv_path,lv_time,origin"
 
@@ -140,6 +150,9 @@ class LvmDriver:
 
     def delete_snapshot(self, backend_id: str, pool: str) -> None:
         self.delete_volume(backend_id, pool)
+
+    def export(self, backend_id: str, pool: str, hosts: Sequence[str]) -> dict[str, str]:
+        return local_export(self, backend_id, pool)
 
     def list_objects(self, pool: str) -> list[str]:
         self._check_pool(pool)

@@ -132,7 +132,7 @@ class Dock:
 
     # ------------------------------------------------------------ volumes
 
-    def _fail(self, plural: str, body: kopf.Body, error: Exception, phase: str | None = ERROR) -> None:
+    def _fail(self, plural: str, body: kopf.Body | dict[str, Any], error: Exception, phase: str | None = ERROR) -> None:
         meta = body["metadata"]
         status = dict(body.get("status") or {})
         message = str(error)
@@ -202,6 +202,31 @@ class Dock:
         if event:
             kube.post_event(dict(body), *event, component="opensds-dock")
             self.capacity_changed()
+        if sorted(spec.get("publishedNodes") or []) != sorted(status.get("publishedNodes") or []):
+            self.reconcile_access(done)
+
+    def reconcile_access(self, body: kopf.Body | dict[str, Any]) -> None:
+        """Export the volume to exactly spec.publishedNodes and record what nodes need to connect.
+
+        The export is rebuilt from this list on every reconcile, so an unpublish removes exactly
+        that node's access and a restarted dock restores what the API says.
+        """
+        meta, spec = body["metadata"], body["spec"]
+        status = dict(body.get("status") or {})
+        if status.get("phase") not in (AVAILABLE, EXPANDING):
+            raise kopf.TemporaryError("volume is not Available yet; exporting it later", delay=2)
+        nodes = sorted(spec.get("publishedNodes") or [])
+        try:
+            context = self.driver.export(volume_backend_id(meta["uid"]), spec["pool"], nodes)
+        except PermanentDriverError as e:
+            self._fail(VOLUMES, body, e, phase=None)
+            raise kopf.PermanentError(str(e)) from e
+        except (DriverError, OSError) as e:
+            self._fail(VOLUMES, body, e, phase=None)
+            raise kopf.TemporaryError(str(e), delay=5) from e
+        kube.patch_status(VOLUMES, meta["name"], {"publishedNodes": nodes, "publishContext": context},
+                          meta["namespace"])
+        log.info("%s/%s exported to %s", meta["namespace"], meta["name"], ", ".join(nodes) or "nobody")
 
     def delete_volume(self, body: kopf.Body) -> None:
         meta, spec = body["metadata"], body["spec"]
@@ -325,6 +350,11 @@ def build_registry(dock: Dock, capacity_interval: float = 30.0,
                     **mine_volume)  # type: ignore[arg-type]
     def volume_reconcile(body: kopf.Body, **_: Any) -> None:
         dock.reconcile_volume(body)
+
+    @kopf.on.update(GROUP, VERSION, VOLUMES, field="spec.publishedNodes", registry=registry,
+                    **mine_volume)  # type: ignore[arg-type]
+    def volume_access(body: kopf.Body, **_: Any) -> None:
+        dock.reconcile_access(body)
 
     @kopf.on.delete(GROUP, VERSION, VOLUMES, registry=registry, **mine_volume)  # type: ignore[arg-type]
     def volume_delete(body: kopf.Body, **_: Any) -> None:
