@@ -56,6 +56,7 @@ from .errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    Unimplemented,
 )
 from .identity import DRIVER_NAME
 from .locks import KeyLocks
@@ -87,6 +88,7 @@ CONTROLLER_CAPABILITIES = (
     Cap.CREATE_DELETE_VOLUME, Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.LIST_VOLUMES, Cap.GET_CAPACITY,
     Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.CLONE_VOLUME, Cap.EXPAND_VOLUME,
     Cap.LIST_VOLUMES_PUBLISHED_NODES, Cap.VOLUME_CONDITION, Cap.GET_VOLUME, Cap.SINGLE_NODE_MULTI_WRITER,
+    Cap.GET_SNAPSHOT,
 )
 
 
@@ -618,6 +620,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self.store.wait_for(SNAPSHOTS, name, lambda o: o is None or o["metadata"]["uid"] != uid,
                                 self._timeout(context), f"snapshot {name} to be deleted")
         return csi_pb2.DeleteSnapshotResponse()
+
+    def GetSnapshot(self, request: csi_pb2.GetSnapshotRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.GetSnapshotResponse:
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        parsed = parse_id(request.snapshot_id)
+        snapshot = kube.get(SNAPSHOTS, parsed[1], parsed[0]) if parsed else None
+        if snapshot is None:
+            raise NotFound(f"snapshot {request.snapshot_id} does not exist")
+        return csi_pb2.GetSnapshotResponse(snapshot=self._csi_snapshot(snapshot))
+
+    def ControllerModifyVolume(self, request: csi_pb2.ControllerModifyVolumeRequest,
+                               context: grpc.ServicerContext) -> csi_pb2.ControllerModifyVolumeResponse:
+        raise Unimplemented("VolumeAttributesClass changes are not supported; change the StorageProfile instead")
 
     def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest,
                       context: grpc.ServicerContext) -> csi_pb2.ListSnapshotsResponse:

@@ -50,3 +50,7 @@ class DeadlineExceeded(CsiError):
     """The backend work goes on; the CO retries the (idempotent) call and finds it done."""
 
     code_name = "DEADLINE_EXCEEDED"
+
+
+class Unimplemented(CsiError):
+    code_name = "UNIMPLEMENTED"

@@ -1,27 +1,91 @@
-"""Entry point of the CSI plugin (`opensds-csi`): serves the Identity service on a unix socket.
+"""Entry point of the CSI plugin (`opensds-csi --role controller|node`).
 
-Controller and node services come with the CSI issue; until then the plugin answers
-GetPluginInfo, GetPluginCapabilities and Probe so sidecars can identify it.
+One process per role, as Kubernetes deploys them: the controller (a Deployment beside
+external-provisioner/-attacher/-resizer/-snapshotter) only talks to the API; the node plugin
+(a DaemonSet beside kubelet) only touches the local machine and needs no API access.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import sys
+from types import FrameType
+
+import grpc
 
 from .identity import IdentityService
 from .proto import csi_pb2_grpc
 from .server import build_server
 
+log = logging.getLogger("opensds.csi")
 
-def main() -> None:
+
+def _topology(pairs: list[str]) -> dict[str, str]:
+    segments = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"--topology wants key=value, got {pair!r}")
+        segments[key] = value
+    return segments
+
+
+def build(args: argparse.Namespace) -> grpc.Server:
+    server = build_server(args.endpoint, max_workers=args.workers)
+    if args.role == "controller":
+        from .controller import ControllerService
+        from .store import ObjectStore
+
+        store = ObjectStore(args.namespace)
+        store.start()
+        if not store.wait_synced(30):
+            log.warning("volume/snapshot caches not synced after 30 s; Probe reports not ready until they are")
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(store, args.wait_timeout), server)
+        identity = IdentityService(ready=lambda: store.synced, controller=True)
+    else:
+        from opensds_operator.api import NODE_TOPOLOGY_KEY
+
+        from .node import NodeService
+
+        if not args.node_id:
+            raise SystemExit("--node-id (or $NODE_NAME) is required for the node role")
+        topology = {NODE_TOPOLOGY_KEY: args.node_id, **_topology(args.topology)}
+        csi_pb2_grpc.add_NodeServicer_to_server(
+            NodeService(args.node_id, topology, args.state_dir, args.max_volumes), server)
+        identity = IdentityService(ready=lambda: True, controller=False)
+    csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="opensds-csi", description=__doc__)
-    parser.add_argument("--endpoint", default="unix:///csi/csi.sock")
+    parser.add_argument("--role", choices=["controller", "node"], required=True)
+    parser.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"))
+    parser.add_argument("--workers", type=int, default=64,
+                        help="gRPC worker threads; controller calls mostly wait on the API, so many are cheap")
+    parser.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "opensds-system"),
+                        help="controller: namespace of the Volume/Snapshot CRs it creates")
+    parser.add_argument("--wait-timeout", type=float, default=60.0,
+                        help="controller: longest wait for a CR to reach its state within one call")
+    parser.add_argument("--node-id", default=os.environ.get("NODE_NAME", ""), help="node: this node's name")
+    parser.add_argument("--state-dir", default="/var/lib/opensds/csi", help="node: where staging state is kept")
+    parser.add_argument("--max-volumes", type=int, default=0, help="node: volumes per node (0: no limit)")
+    parser.add_argument("--topology", action="append", default=[], metavar="KEY=VALUE",
+                        help="node: extra topology labels this node reports (e.g. a zone)")
     parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = build_server(args.endpoint)
-    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(ready=lambda: True, controller=False), server)
+    server = build(args)
     server.start()
-    logging.getLogger("opensds.csi").info("serving on %s", args.endpoint)
+    log.info("%s plugin serving on %s", args.role, args.endpoint)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        server.stop(5)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     server.wait_for_termination()

@@ -1,0 +1,237 @@
+"""CSI Node service: attach through a connector, format if blank, mount; bind into pods; grow; report.
+
+Every call is idempotent against the state recorded in `nodestate`, because kubelet repeats
+calls after timeouts and plugin restarts. The node needs no Kubernetes API access: all it
+must know arrives in publish_context (written by the dock, passed on by the attacher).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+
+from . import mounts
+from .connectors import connector_for
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .locks import KeyLocks
+from .nodestate import NodeState, StagedVolume
+from .proto import csi_pb2, csi_pb2_grpc
+
+log = logging.getLogger(__name__)
+DEFAULT_FS = "ext4"
+READ_ONLY_MODES = frozenset({
+    csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY,
+    csi_pb2.VolumeCapability.AccessMode.MULTI_NODE_READER_ONLY,
+})
+
+
+def _access_type(capability: csi_pb2.VolumeCapability) -> str:
+    if capability.HasField("block"):
+        return "block"
+    if capability.HasField("mount"):
+        return "mount"
+    raise InvalidArgument("volume_capability needs access_type block or mount")
+
+
+def _require(**fields: str) -> None:
+    for name, value in fields.items():
+        if not value:
+            raise InvalidArgument(f"{name} is required")
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    def __init__(self, node_id: str, topology: Mapping[str, str], state_dir: str, max_volumes: int = 0) -> None:
+        self.node_id = node_id
+        self.topology = dict(topology)
+        self.max_volumes = max_volumes
+        self.state = NodeState(state_dir)
+        self.locks = KeyLocks()
+
+    # ------------------------------------------------------------ stage
+
+    def NodeStageVolume(self, request: csi_pb2.NodeStageVolumeRequest,
+                        context: grpc.ServicerContext) -> csi_pb2.NodeStageVolumeResponse:
+        _require(volume_id=request.volume_id, staging_target_path=request.staging_target_path)
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        access = _access_type(request.volume_capability)
+        fs_type = (request.volume_capability.mount.fs_type or DEFAULT_FS) if access == "mount" else ""
+        if fs_type and fs_type not in mounts.SUPPORTED_FILESYSTEMS:
+            raise InvalidArgument(f"fs_type {fs_type!r} is not supported ({', '.join(mounts.SUPPORTED_FILESYSTEMS)})")
+        flags = list(request.volume_capability.mount.mount_flags) if access == "mount" else []
+        staging = os.path.realpath(request.staging_target_path)
+        with self.locks.hold(request.volume_id):
+            known = self.state.get(request.volume_id)
+            if known is not None and known.staging_path != staging:
+                raise AlreadyExists(f"volume {request.volume_id} is already staged at {known.staging_path}")
+            if known is not None and known.access_type != access:
+                raise AlreadyExists(f"volume {request.volume_id} is already staged for {known.access_type} access")
+            transport = request.publish_context.get("transport", "local")
+            connector = connector_for(transport)
+            device = connector.attach(request.volume_id, request.publish_context)
+            volume = StagedVolume(
+                volume_id=request.volume_id, transport=transport, context=dict(request.publish_context),
+                device=device, staging_path=staging, access_type=access, fs_type=fs_type, mount_flags=flags,
+                targets=known.targets if known else {})
+            self.state.save(volume)  # before mounting: an unstage after a crash here still detaches
+            if access == "mount":
+                self._mount_staged(volume)
+        return csi_pb2.NodeStageVolumeResponse()
+
+    @staticmethod
+    def _mount_staged(volume: StagedVolume) -> None:
+        current = mounts.mount_at(volume.staging_path)
+        if current is not None:
+            if os.path.realpath(current.source) == os.path.realpath(volume.device):
+                return
+            raise AlreadyExists(f"{volume.staging_path} already has {current.source} mounted")
+        existing = mounts.detect_filesystem(volume.device)
+        if existing is None:
+            log.info("formatting %s (%s) as %s", volume.device, volume.volume_id, volume.fs_type)
+            mounts.make_filesystem(volume.device, volume.fs_type)
+            existing = volume.fs_type
+        elif existing != volume.fs_type:
+            # Never reformat data: mount what is there and say so.
+            log.warning("%s holds %s, not the requested %s: mounting it as %s", volume.volume_id, existing,
+                        volume.fs_type, existing)
+        Path(volume.staging_path).mkdir(parents=True, exist_ok=True)
+        mounts.mount(volume.device, volume.staging_path, existing, volume.mount_flags)
+
+    def NodeUnstageVolume(self, request: csi_pb2.NodeUnstageVolumeRequest,
+                          context: grpc.ServicerContext) -> csi_pb2.NodeUnstageVolumeResponse:
+        _require(volume_id=request.volume_id, staging_target_path=request.staging_target_path)
+        with self.locks.hold(request.volume_id):
+            mounts.unmount(request.staging_target_path)
+            volume = self.state.get(request.volume_id)
+            if volume is not None:
+                connector_for(volume.transport).detach(volume.volume_id, volume.context, volume.device)
+                self.state.remove(request.volume_id)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # ------------------------------------------------------------ publish
+
+    def NodePublishVolume(self, request: csi_pb2.NodePublishVolumeRequest,
+                          context: grpc.ServicerContext) -> csi_pb2.NodePublishVolumeResponse:
+        _require(volume_id=request.volume_id, target_path=request.target_path)
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        _require(staging_target_path=request.staging_target_path)
+        access = _access_type(request.volume_capability)
+        read_only = request.readonly or request.volume_capability.access_mode.mode in READ_ONLY_MODES
+        target = request.target_path
+        with self.locks.hold(request.volume_id):
+            volume = self.state.get(request.volume_id)
+            if volume is None or volume.staging_path != os.path.realpath(request.staging_target_path):
+                raise FailedPrecondition(f"volume {request.volume_id} is not staged at "
+                                         f"{request.staging_target_path}; NodeStageVolume first")
+            if volume.access_type != access:
+                raise InvalidArgument(f"volume {request.volume_id} was staged for {volume.access_type} access")
+            current = mounts.mount_at(target)
+            if current is not None:
+                if volume.targets.get(os.path.realpath(target)) not in (None, read_only):
+                    raise AlreadyExists(f"{target} is already published with another read-only setting")
+                return csi_pb2.NodePublishVolumeResponse()
+            if access == "block":
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                Path(target).touch(exist_ok=True)
+                mounts.bind_mount(volume.device, target, read_only)
+            else:
+                Path(target).mkdir(parents=True, exist_ok=True)
+                mounts.bind_mount(volume.staging_path, target, read_only)
+            volume.targets[os.path.realpath(target)] = read_only
+            self.state.save(volume)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest,
+                            context: grpc.ServicerContext) -> csi_pb2.NodeUnpublishVolumeResponse:
+        _require(volume_id=request.volume_id, target_path=request.target_path)
+        with self.locks.hold(request.volume_id):
+            target = request.target_path
+            mounts.unmount(target)
+            path = Path(target)
+            if path.is_dir():
+                path.rmdir()
+            elif path.exists():
+                path.unlink()
+            volume = self.state.get(request.volume_id)
+            if volume is not None and volume.targets.pop(os.path.realpath(target), None) is not None:
+                self.state.save(volume)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # ------------------------------------------------------------ stats and growth
+
+    def _staged_at(self, volume_id: str, path: str) -> StagedVolume:
+        volume = self.state.get(volume_id)
+        if volume is None:
+            raise NotFound(f"volume {volume_id} is not staged on node {self.node_id}")
+        if os.path.realpath(path) not in volume.paths() or not os.path.exists(path):
+            raise NotFound(f"volume {volume_id} is not at {path}")
+        return volume
+
+    def NodeGetVolumeStats(self, request: csi_pb2.NodeGetVolumeStatsRequest,
+                           context: grpc.ServicerContext) -> csi_pb2.NodeGetVolumeStatsResponse:
+        _require(volume_id=request.volume_id, volume_path=request.volume_path)
+        volume = self._staged_at(request.volume_id, request.volume_path)
+        problem = self._problem(volume, request.volume_path)
+        condition = csi_pb2.VolumeCondition(abnormal=problem is not None, message=problem or "healthy")
+        usage: list[csi_pb2.VolumeUsage] = []
+        if problem is None and volume.access_type == "block":
+            usage.append(csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES,
+                                             total=mounts.block_device_size(volume.device)))
+        elif problem is None:
+            st = os.statvfs(request.volume_path)
+            usage += [
+                csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=st.f_blocks * st.f_frsize,
+                                    available=st.f_bavail * st.f_frsize,
+                                    used=(st.f_blocks - st.f_bfree) * st.f_frsize),
+                csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.INODES, total=st.f_files, available=st.f_favail,
+                                    used=st.f_files - st.f_ffree),
+            ]
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    @staticmethod
+    def _problem(volume: StagedVolume, path: str) -> str | None:
+        if not mounts.is_block_device(volume.device):
+            return f"device {volume.device} is gone"
+        if volume.transport == "local" and volume.device.startswith("/dev/loop"):
+            backing = Path(f"/sys/block/{Path(volume.device).name}/loop/backing_file")
+            if not backing.exists():
+                return f"loop device {volume.device} was detached"
+        if (volume.access_type == "mount" or path != volume.staging_path) and mounts.mount_at(path) is None:
+            return f"{path} is no longer mounted"
+        return None
+
+    def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest,
+                         context: grpc.ServicerContext) -> csi_pb2.NodeExpandVolumeResponse:
+        _require(volume_id=request.volume_id, volume_path=request.volume_path)
+        with self.locks.hold(request.volume_id):
+            volume = self._staged_at(request.volume_id, request.volume_path)
+            connector_for(volume.transport).refresh(volume.device)
+            if volume.access_type == "mount":
+                mount = mounts.mount_at(volume.staging_path)
+                mounts.grow_filesystem(volume.device, volume.staging_path, mount.fstype if mount else volume.fs_type)
+            size = mounts.block_device_size(volume.device)
+        required = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
+        if required and size < required:
+            raise FailedPrecondition(f"device {volume.device} is {size} bytes, less than the {required} asked; "
+                                     f"has the controller expanded the volume?")
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    # ------------------------------------------------------------ info
+
+    def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest,
+                            context: grpc.ServicerContext) -> csi_pb2.NodeGetCapabilitiesResponse:
+        rpc = csi_pb2.NodeServiceCapability.RPC
+        kinds = (rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.EXPAND_VOLUME, rpc.VOLUME_CONDITION,
+                 rpc.SINGLE_NODE_MULTI_WRITER)
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
+            csi_pb2.NodeServiceCapability(rpc=rpc(type=kind)) for kind in kinds])
+
+    def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.node_id, max_volumes_per_node=self.max_volumes,
+            accessible_topology=csi_pb2.Topology(segments=self.topology))
