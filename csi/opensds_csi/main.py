@@ -1,4 +1,4 @@
-"""Entry point of the CSI plugin (`opensds-csi --role controller|node`).
+"""Entry point of the CSI plugin (`opensds-csi --role controller|node|all`).
 
 One process per role, as Kubernetes deploys them: the controller (a Deployment beside
 external-provisioner/-attacher/-resizer/-snapshotter) only talks to the API; the node plugin
@@ -34,7 +34,7 @@ def _topology(pairs: list[str]) -> dict[str, str]:
 
 def build(args: argparse.Namespace) -> grpc.Server:
     server = build_server(args.endpoint, max_workers=args.workers)
-    if args.role == "controller":
+    if args.role in ("controller", "all"):
         from .controller import ControllerService
         from .store import ObjectStore
 
@@ -43,8 +43,7 @@ def build(args: argparse.Namespace) -> grpc.Server:
         if not store.wait_synced(30):
             log.warning("volume/snapshot caches not synced after 30 s; Probe reports not ready until they are")
         csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(store, args.wait_timeout), server)
-        identity = IdentityService(ready=lambda: store.synced, controller=True)
-    else:
+    if args.role in ("node", "all"):
         from opensds_operator.api import NODE_TOPOLOGY_KEY
 
         from .node import NodeService
@@ -54,14 +53,15 @@ def build(args: argparse.Namespace) -> grpc.Server:
         topology = {NODE_TOPOLOGY_KEY: args.node_id, **_topology(args.topology)}
         csi_pb2_grpc.add_NodeServicer_to_server(
             NodeService(args.node_id, topology, args.state_dir, args.max_volumes), server)
-        identity = IdentityService(ready=lambda: True, controller=False)
-    csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
+    ready = (lambda: store.synced) if args.role != "node" else (lambda: True)
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(ready, controller=args.role != "node"), server)
     return server
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="opensds-csi", description=__doc__)
-    parser.add_argument("--role", choices=["controller", "node"], required=True)
+    parser.add_argument("--role", choices=["controller", "node", "all"], required=True,
+                        help="all: both services in one process (single-node setups; what csi-sanity expects)")
     parser.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"))
     parser.add_argument("--workers", type=int, default=64,
                         help="gRPC worker threads; controller calls mostly wait on the API, so many are cheap")

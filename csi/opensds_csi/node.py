@@ -129,6 +129,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                          f"{request.staging_target_path}; NodeStageVolume first")
             if volume.access_type != access:
                 raise InvalidArgument(f"volume {request.volume_id} was staged for {volume.access_type} access")
+            single_writer = (request.volume_capability.access_mode.mode
+                             == csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_SINGLE_WRITER)
+            others = set(volume.targets) - {os.path.realpath(target)}
+            if single_writer and others:
+                raise FailedPrecondition(f"volume {request.volume_id} is SINGLE_NODE_SINGLE_WRITER and already "
+                                         f"published at {', '.join(sorted(others))}")
             current = mounts.mount_at(target)
             if current is not None:
                 if volume.targets.get(os.path.realpath(target)) not in (None, read_only):

@@ -215,3 +215,132 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
             return last
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+# ---------------------------------------------------------------- CSI plugin
+
+NODE = "node-1"  # the file backend's spec.nodeName, and the node the CSI node plugin serves
+ZONE_KEY, ZONE = "topology.opensds.io/zone", "z1"
+NODE_KEY = "topology.block.csi.opensds.io/node"
+CSI_DRIVER = "block.csi.opensds.io"
+
+
+@dataclass(frozen=True)
+class CsiPlugin:
+    controller_endpoint: str
+    node_endpoint: str
+    profile: str
+    dir: Path
+    kubeconfig: Path  # the CSI controller ServiceAccount's
+
+
+def register_node(cluster: Cluster, node: str) -> None:
+    """What kubelet and node-driver-registrar would write: a Node with topology labels and its CSINode."""
+    core, storage = client.CoreV1Api(cluster.api), client.StorageV1Api(cluster.api)
+    labels = {NODE_KEY: node, ZONE_KEY: ZONE, "kubernetes.io/hostname": node}
+    try:
+        core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node, labels=labels)))
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        core.patch_node(node, {"metadata": {"labels": labels}})
+    csinode = client.V1CSINode(
+        metadata=client.V1ObjectMeta(name=node),
+        spec=client.V1CSINodeSpec(drivers=[client.V1CSINodeDriver(
+            name=CSI_DRIVER, node_id=node, topology_keys=[NODE_KEY, ZONE_KEY])]))
+    try:
+        storage.create_csi_node(csinode)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def csi_plugin(stack: Stack, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CsiPlugin]:
+    """Our CSI controller (under the shipped ServiceAccount) and node plugin, serving node-1."""
+    base = tmp_path_factory.mktemp("csi")
+    cluster.kubectl("apply", "--server-side", "-n", "opensds-system", "-f",
+                    str(ROOT / "manifests/base/rbac-csi-controller.yaml"))
+    kubeconfig = service_account_kubeconfig(cluster, "opensds-csi-controller", base / "controller.kubeconfig")
+    register_node(cluster, NODE)
+    profile = "csi-local"
+    api = client.CustomObjectsApi(cluster.api)
+    if not _exists(api, "storageprofiles", profile):
+        api.create_cluster_custom_object("opensds.io", "v1alpha1", "storageprofiles", {
+            "apiVersion": "opensds.io/v1alpha1", "kind": "StorageProfile", "metadata": {"name": profile},
+            "spec": {"storageType": "block", "accessProtocol": "local", "provisioning": {"type": "thin"}}})
+    venv_bin = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+    verbose = ["--verbose"] if os.environ.get("OPENSDS_TEST_VERBOSE") == "1" else []
+    controller = _spawn([str(venv_bin / "opensds-csi"), "--role", "controller", "--namespace", "opensds-system",
+                         "--endpoint", f"unix://{base}/controller.sock", *verbose],
+                        base / "csi-controller.log", kubeconfig)
+    node = _spawn([str(venv_bin / "opensds-csi"), "--role", "node", "--node-id", NODE,
+                   "--topology", f"{ZONE_KEY}={ZONE}", "--state-dir", str(base / "node-state"),
+                   "--endpoint", f"unix://{base}/node.sock", *verbose], base / "csi-node.log", kubeconfig)
+    try:
+        wait_for_socket(base / "controller.sock", controller)
+        wait_for_socket(base / "node.sock", node)
+        yield CsiPlugin(f"unix://{base}/controller.sock", f"unix://{base}/node.sock", profile, base, kubeconfig)
+    finally:
+        for proc in (controller, node):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print(f"CSI plugin logs in {base}")
+
+
+@dataclass(frozen=True)
+class Sidecars:
+    plugin: CsiPlugin
+    logs: Path
+
+
+SIDECAR_ARGS: dict[str, list[str]] = {
+    # the flags the shipped csi-controller Deployment uses, minus leader election (one replica here)
+    "csi-provisioner": ["--extra-create-metadata", "--enable-capacity", "--capacity-ownerref-level=-1",
+                        "--capacity-poll-interval=2s", "--timeout=60s", "--retry-interval-start=1s",
+                        "--default-fstype=ext4"],
+    "csi-attacher": ["--timeout=60s"],
+    "csi-resizer": ["--timeout=60s", "--handle-volume-inuse-error=false"],
+    "csi-snapshotter": ["--extra-create-metadata", "--timeout=60s"],
+}
+
+
+@pytest.fixture(scope="session")
+def sidecars(csi_plugin: CsiPlugin, cluster: Cluster) -> Iterator[Sidecars]:
+    """The real external-provisioner, -attacher, -resizer and csi-snapshotter on our controller socket
+    (running as the shipped CSI controller ServiceAccount), plus the cluster's snapshot-controller."""
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests/base/csidriver.yaml"))
+    env = {**os.environ, "NAMESPACE": "opensds-system", "POD_NAME": "opensds-csi-controller"}
+    address = csi_plugin.controller_endpoint.removeprefix("unix://")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, extra in SIDECAR_ARGS.items():
+            with open(csi_plugin.dir / f"{name}.log", "ab") as log:
+                procs.append(subprocess.Popen(
+                    [str(ROOT / "bin" / name), f"--csi-address={address}", f"--kubeconfig={csi_plugin.kubeconfig}",
+                     "--v=3", *extra], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        with open(csi_plugin.dir / "snapshot-controller.log", "ab") as log:
+            procs.append(subprocess.Popen([str(ROOT / "bin" / "snapshot-controller"), f"--kubeconfig={KUBECONFIG}",
+                                           "--v=3"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        yield Sidecars(csi_plugin, csi_plugin.dir)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
