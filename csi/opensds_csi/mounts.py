@@ -7,8 +7,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidArgument
-from .run import run
+from .errors import FailedPrecondition, InvalidArgument
+from .run import CommandFailed, run
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
 _ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -90,8 +90,14 @@ def unmount(target: str) -> None:
 def grow_filesystem(device: str, mount_point: str, fstype: str) -> None:
     if fstype == "xfs":
         run("xfs_growfs", mount_point)
-    else:
+        return
+    try:
         run("resize2fs", device)
+    except CommandFailed as e:
+        if "Permission denied" in e.stderr:
+            raise FailedPrecondition(f"online ext4 resize of {device} was refused by the kernel: the node plugin "
+                                     f"needs CAP_SYS_RESOURCE ({e.message})") from e
+        raise
 
 
 def block_device_size(device: str) -> int:

@@ -278,7 +278,8 @@ def csi_plugin(stack: Stack, cluster: Cluster, tmp_path_factory: pytest.TempPath
     if not _exists(api, "storageprofiles", profile):
         api.create_cluster_custom_object("opensds.io", "v1alpha1", "storageprofiles", {
             "apiVersion": "opensds.io/v1alpha1", "kind": "StorageProfile", "metadata": {"name": profile},
-            "spec": {"storageType": "block", "accessProtocol": "local", "provisioning": {"type": "thin"}}})
+            "spec": {"storageType": "block", "accessProtocol": "local", "fsType": "xfs",
+                     "provisioning": {"type": "thin"}}})
     venv_bin = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
     verbose = ["--verbose"] if os.environ.get("OPENSDS_TEST_VERBOSE") == "1" else []
     controller = _spawn([str(venv_bin / "opensds-csi"), "--role", "controller", "--namespace", "opensds-system",

@@ -43,7 +43,7 @@ class Kubelet:
         staging, target = self.workdir / f"staging-{key}", self.workdir / f"target-{key}"
         staging.mkdir(exist_ok=True)
         capability = csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
+            mount=csi_pb2.VolumeCapability.MountVolume(fs_type="xfs"),
             access_mode=csi_pb2.VolumeCapability.AccessMode(
                 mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
         self.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
@@ -104,9 +104,20 @@ def attach(storage: client.StorageV1Api, pv: str) -> tuple[str, dict[str, str]]:
     return name, dict(attached.status.attachment_metadata or {})
 
 
-def capacity_of(storage: client.StorageV1Api, storage_class: str) -> list[client.V1CSIStorageCapacity]:
-    return [c for c in storage.list_namespaced_csi_storage_capacity("opensds-system").items
-            if c.storage_class_name == storage_class]
+def capacity_of(storage: client.StorageV1Api, storage_class: str) -> dict[tuple[tuple[str, str], ...], set[str]]:
+    """Topology segment -> the capacities published for it (external-provisioner can briefly
+    hold two objects for one segment after it starts; they carry the same value)."""
+    found: dict[tuple[tuple[str, str], ...], set[str]] = {}
+    for c in storage.list_namespaced_csi_storage_capacity("opensds-system").items:
+        if c.storage_class_name == storage_class:
+            segment = tuple(sorted((c.node_topology.match_labels or {}).items()))
+            found.setdefault(segment, set()).add(c.capacity)
+    return found
+
+
+def single_capacity(storage: client.StorageV1Api, storage_class: str) -> str | None:
+    values = list(capacity_of(storage, storage_class).values())
+    return next(iter(values[0])) if len(values) == 1 and len(values[0]) == 1 else None
 
 
 def volume_cr(cluster: Cluster, volume_handle: str) -> dict[str, Any]:
@@ -124,15 +135,16 @@ def test_pvcs_bind_attach_resize_snapshot_restore_clone_and_clean_up(
     assert isinstance(sc_obj, client.V1StorageClass) and sc_obj.volume_binding_mode == "WaitForFirstConsumer"
 
     # CSIStorageCapacity per topology segment (the node's segment, from CSINode + Node labels)
-    capacities = wait_for(lambda: capacity_of(storage, sc), 60, "CSIStorageCapacity for the class")
-    assert isinstance(capacities, list) and len(capacities) == 1
-    segment = capacities[0].node_topology.match_labels
+    wait_for(lambda: single_capacity(storage, sc), 60, "CSIStorageCapacity for the class")
+    capacities = capacity_of(storage, sc)
+    segment = dict(next(iter(capacities)))
     assert segment == {NODE_KEY: NODE, ZONE_KEY: ZONE}
-    before = capacities[0].capacity
+    before = single_capacity(storage, sc)
+    assert before is not None
     print(f"CSIStorageCapacity before: {before} for {segment}")
 
     # 1. a PVC binds; its Volume CR is Available with node affinity to the backend's node
-    core.create_namespaced_persistent_volume_claim(namespace, pvc("data", sc, "64Mi"))
+    core.create_namespaced_persistent_volume_claim(namespace, pvc("data", sc, "512Mi"))
     pv = bound_pv(core, namespace, "data")
     assert pv.spec.csi.driver == CSI_DRIVER
     volume = volume_cr(cluster, pv.spec.csi.volume_handle)
@@ -150,15 +162,18 @@ def test_pvcs_bind_attach_resize_snapshot_restore_clone_and_clean_up(
     digest = hashlib.sha256(payload).hexdigest()
 
     # 3. resize: PVC grows -> Volume CR and backing file grow; the node grows the filesystem online
+    #    (xfs: this sandbox withholds CAP_SYS_RESOURCE, which ext4's online resize requires)
     core.patch_namespaced_persistent_volume_claim("data", namespace, {
-        "spec": {"resources": {"requests": {"storage": "128Mi"}}}})
-    wait_for(lambda: volume_cr(cluster, pv.spec.csi.volume_handle)["status"].get("capacityBytes") == 128 * MIB,
+        "spec": {"resources": {"requests": {"storage": "640Mi"}}}})
+    wait_for(lambda: volume_cr(cluster, pv.spec.csi.volume_handle)["status"].get("capacityBytes") == 640 * MIB,
              60, "Volume CR at 128Mi")
-    wait_for(lambda: core.read_persistent_volume(pv.metadata.name).spec.capacity["storage"] == "128Mi", 60,
+    wait_for(lambda: core.read_persistent_volume(pv.metadata.name).spec.capacity["storage"] == "640Mi", 60,
              "PV capacity 128Mi")
-    assert Path(context["path"]).stat().st_size == 128 * MIB
-    assert kubelet.expand(pv.spec.csi.volume_handle, target) == 128 * MIB
-    assert os.statvfs(target).f_blocks * os.statvfs(target).f_frsize > 100 * MIB
+    assert Path(context["path"]).stat().st_size == 640 * MIB
+    size_before = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+    assert kubelet.expand(pv.spec.csi.volume_handle, target) == 640 * MIB
+    grown = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize - size_before
+    assert grown == 128 * MIB, f"filesystem grew by {grown} bytes"
     kubelet.unmount(pv.spec.csi.volume_handle)
 
     # 4. a VolumeSnapshot becomes readyToUse
@@ -171,9 +186,9 @@ def test_pvcs_bind_attach_resize_snapshot_restore_clone_and_clean_up(
 
     # 5. a restore from the snapshot and a clone of the PVC bind and hold identical data
     core.create_namespaced_persistent_volume_claim(namespace, pvc(
-        "restored", sc, "128Mi", {"apiGroup": SNAP_GROUP, "kind": "VolumeSnapshot", "name": "snap"}))
+        "restored", sc, "640Mi", {"apiGroup": SNAP_GROUP, "kind": "VolumeSnapshot", "name": "snap"}))
     core.create_namespaced_persistent_volume_claim(namespace, pvc(
-        "cloned", sc, "128Mi", {"kind": "PersistentVolumeClaim", "name": "data"}))
+        "cloned", sc, "640Mi", {"kind": "PersistentVolumeClaim", "name": "data"}))
     attachments = [va]
     for name in ("restored", "cloned"):
         copy = bound_pv(core, namespace, name)
@@ -183,11 +198,10 @@ def test_pvcs_bind_attach_resize_snapshot_restore_clone_and_clean_up(
         assert hashlib.sha256((mounted / "payload.bin").read_bytes()).hexdigest() == digest, name
         kubelet.unmount(copy.spec.csi.volume_handle)
 
-    # 6. CSIStorageCapacity follows pool usage (3 volumes of 128Mi now provisioned)
-    wait_for(lambda: capacity_of(storage, sc)[0].capacity != before, 30, "capacity to change")
-    after = capacity_of(storage, sc)[0].capacity
-    print(f"CSIStorageCapacity after 3 x 128Mi: {after}")
-    assert parse_quantity(before) - parse_quantity(after) >= 3 * 128 * MIB
+    # 6. CSIStorageCapacity follows pool usage (3 volumes of 640Mi now provisioned)
+    wait_for(lambda: parse_quantity(single_capacity(storage, sc) or before) <= parse_quantity(before) - 3 * 640 * MIB,
+             30, "capacity to drop by the 3 volumes")
+    print(f"CSIStorageCapacity after 3 x 640Mi: {single_capacity(storage, sc)}")
 
     # 7. deleting everything leaves no backing file behind
     uids = [volume_cr(cluster, core.read_persistent_volume(c.spec.volume_name).spec.csi.volume_handle)
@@ -208,7 +222,7 @@ def test_pvcs_bind_attach_resize_snapshot_restore_clone_and_clean_up(
                           if p.spec.claim_ref and p.spec.claim_ref.namespace == namespace], 90, "PVs deleted")
     wait_for(lambda: not [f for f in backend_dir.iterdir() if any(uid in f.name for uid in uids)], 60,
              "backing files of the volumes and the snapshot deleted")
-    wait_for(lambda: capacity_of(storage, sc)[0].capacity == before, 30, "capacity back to its first value")
+    wait_for(lambda: single_capacity(storage, sc) == before, 30, "capacity back to its first value")
 
 
 def _exists(read: Any) -> bool:

@@ -274,16 +274,18 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
         chosen = decision.pool
         _recent_placements[uid] = (chosen.key, size)  # counted from now on; the API write is outside the lock
     try:
+        # Status first: once spec names the backend its dock may finish and mark the Volume
+        # Available at once, and a later "Pending" from here would overwrite that.
+        kube.patch_status(VOLUMES, name, {
+            "phase": PENDING,
+            "conditions": set_condition(status_d.get("conditions"), SCHEDULED, True, "Scheduled",
+                                        f"placed on {chosen.label}", body["metadata"].get("generation")),
+        }, namespace=namespace)
         kube.patch(VOLUMES, name, {"spec": {"backend": chosen.backend, "pool": chosen.name}}, namespace)
     except Exception:
         with _placement_lock:
             _recent_placements.pop(uid, None)
         raise
-    kube.patch_status(VOLUMES, name, {
-        "phase": PENDING,
-        "conditions": set_condition(status_d.get("conditions"), SCHEDULED, True, "Scheduled",
-                                    f"placed on {chosen.label}", body["metadata"].get("generation")),
-    }, namespace=namespace)
     kube.post_event(dict(body), "Scheduled", f"placed on {chosen.label}")
 
 
