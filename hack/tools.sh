@@ -72,13 +72,16 @@ build_group kustomize sigs.k8s.io/kustomize/kustomize/v5 "$KUSTOMIZE_VERSION" \
   kustomize=sigs.k8s.io/kustomize/kustomize/v5
 
 # Data files pinned with the same versions.
-data_stamp="snapshot-crds $EXTERNAL_SNAPSHOTTER_VERSION csi-proto $CSI_SPEC_VERSION"
+data_stamp="snapshot-crds+group $EXTERNAL_SNAPSHOTTER_VERSION csi-proto $CSI_SPEC_VERSION"
 if [[ ! -f $STAMPS/data || "$(cat "$STAMPS/data")" != "$data_stamp" ]]; then
   rm -rf "$BIN/snapshot-crds"
   copy_from_module "$BIN/snapshot-crds" "github.com/kubernetes-csi/external-snapshotter/client/v8@$EXTERNAL_SNAPSHOTTER_VERSION" \
     config/crd/snapshot.storage.k8s.io_volumesnapshotclasses.yaml \
     config/crd/snapshot.storage.k8s.io_volumesnapshotcontents.yaml \
-    config/crd/snapshot.storage.k8s.io_volumesnapshots.yaml
+    config/crd/snapshot.storage.k8s.io_volumesnapshots.yaml \
+    config/crd/groupsnapshot.storage.k8s.io_volumegroupsnapshotclasses.yaml \
+    config/crd/groupsnapshot.storage.k8s.io_volumegroupsnapshotcontents.yaml \
+    config/crd/groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml
   copy_from_module "$BIN/csi-spec" "github.com/container-storage-interface/spec@$CSI_SPEC_VERSION" csi.proto
   echo "$data_stamp" > "$STAMPS/data"
 fi

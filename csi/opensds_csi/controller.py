@@ -33,7 +33,7 @@ from opensds_operator.api import (
     SNAPSHOTS,
     VOLUMES,
 )
-from opensds_operator.quantity import parse_bytes
+from opensds_operator.quantity import exact_quantity, parse_bytes
 from opensds_operator.scheduler import (
     DEFAULT_FILTERS,
     Pool,
@@ -280,7 +280,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         pvc_ns, pvc_name = params.get("csi.storage.k8s.io/pvc/namespace"), params.get("csi.storage.k8s.io/pvc/name")
         if pvc_ns and pvc_name:
             annotations[PVC_ANNOTATION] = f"{pvc_ns}/{pvc_name}"
-        spec: dict[str, Any] = {"size": str(size), "profile": profile, "reclaimPolicy": "Delete"}
+        spec: dict[str, Any] = {"size": exact_quantity(size), "profile": profile, "reclaimPolicy": "Delete"}
         if source:
             spec["source"] = source
         access = request.accessibility_requirements
@@ -548,7 +548,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise NotFound(f"volume {request.volume_id} does not exist")
             meta = volume["metadata"]
             if parse_bytes(volume["spec"]["size"]) < size:
-                volume = kube.patch(VOLUMES, meta["name"], {"spec": {"size": str(size)}}, meta["namespace"])
+                volume = kube.patch(VOLUMES, meta["name"], {"spec": {"size": exact_quantity(size)}}, meta["namespace"])
                 if meta["namespace"] == self.namespace:
                     self.store.put(VOLUMES, volume)
             grown = self._wait_exported(volume, lambda s: s.get("phase") == AVAILABLE

@@ -38,3 +38,11 @@ def format_bytes(n: int) -> str:
             value = n / size
             return f"{value:.1f}{unit}".replace(".0" + unit, unit)
     return f"{n}"
+
+
+def exact_quantity(n: int) -> str:
+    """The largest binary suffix that renders n exactly (1073741824 -> 1Gi, 1000 -> 1000)."""
+    for unit, size in (("Ti", 2**40), ("Gi", GiB), ("Mi", MiB), ("Ki", 2**10)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)

@@ -308,15 +308,11 @@ class Sidecars:
     logs: Path
 
 
-SIDECAR_ARGS: dict[str, list[str]] = {
-    # the flags the shipped csi-controller Deployment uses, minus leader election (one replica here)
-    "csi-provisioner": ["--extra-create-metadata", "--enable-capacity", "--capacity-ownerref-level=-1",
-                        "--capacity-poll-interval=2s", "--timeout=60s", "--retry-interval-start=1s",
-                        "--default-fstype=ext4"],
-    "csi-attacher": ["--timeout=60s"],
-    "csi-resizer": ["--timeout=60s", "--handle-volume-inuse-error=false"],
-    "csi-snapshotter": ["--extra-create-metadata", "--timeout=60s"],
-}
+def sidecar_args() -> dict[str, list[str]]:
+    """hack/sidecars.txt: the sidecar flags shared with hack/up.sh."""
+    lines = (ROOT / "hack" / "sidecars.txt").read_text().splitlines()
+    return {name: flags.split() for name, _, flags in (line.partition(":") for line in lines)
+            if name and not name.startswith("#")}
 
 
 @pytest.fixture(scope="session")
@@ -328,7 +324,7 @@ def sidecars(csi_plugin: CsiPlugin, cluster: Cluster) -> Iterator[Sidecars]:
     address = csi_plugin.controller_endpoint.removeprefix("unix://")
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for name, extra in SIDECAR_ARGS.items():
+        for name, extra in sidecar_args().items():
             with open(csi_plugin.dir / f"{name}.log", "ab") as log:
                 procs.append(subprocess.Popen(
                     [str(ROOT / "bin" / name), f"--csi-address={address}", f"--kubeconfig={csi_plugin.kubeconfig}",

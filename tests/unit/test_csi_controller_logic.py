@@ -53,3 +53,10 @@ def test_pagination_resumes_after_the_next_page_start_was_deleted() -> None:
 def test_tokens_not_issued_by_us_are_aborted() -> None:
     with pytest.raises(Aborted):
         _paginate(_objs("a"), "invalid-token", 0)  # type: ignore[arg-type]
+
+
+def test_sizes_are_written_as_exact_quantities() -> None:
+    from opensds_operator.quantity import exact_quantity, parse_bytes
+    for n in (1 << 30, 640 * MIB, MIB + 1, 1000, 3 << 40):
+        assert parse_bytes(exact_quantity(n)) == n
+    assert exact_quantity(1 << 30) == "1Gi" and exact_quantity(640 * MIB) == "640Mi"

@@ -267,6 +267,12 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
     with _placement_lock:
         decision = schedule(request, pools, committed_bytes(placed_volumes))
         if decision.pool is None:
+            # The index trails the API by an event: a backend that just became Ready (typical
+            # right after start-up) is seen in a fresh read instead of after a retry delay.
+            pools = [p for b in kube.list_all(BACKENDS)
+                     for p in pools_from_backend(b, Settings.default_over_subscription_ratio)]
+            decision = schedule(request, pools, committed_bytes(placed_volumes))
+        if decision.pool is None:
             message = f"no pool fits {spec['size']} of profile {spec['profile']}: {decision.explain()}"
             _fail_pending(body, status_d, "Unschedulable", message, VOLUMES,
                           Settings.retry_unschedulable_seconds)
