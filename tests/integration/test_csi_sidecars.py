@@ -105,11 +105,11 @@ def attach(storage: client.StorageV1Api, pv: str) -> tuple[str, dict[str, str]]:
 
 
 def capacity_of(storage: client.StorageV1Api, storage_class: str) -> dict[tuple[tuple[str, str], ...], set[str]]:
-    """Topology segment -> the capacities published for it (external-provisioner can briefly
-    hold two objects for one segment after it starts; they carry the same value)."""
+    """Topology segment of our node -> the capacities published for it (external-provisioner can
+    briefly hold two objects for one segment after it starts; they carry the same value)."""
     found: dict[tuple[tuple[str, str], ...], set[str]] = {}
     for c in storage.list_namespaced_csi_storage_capacity("opensds-system").items:
-        if c.storage_class_name == storage_class:
+        if c.storage_class_name == storage_class and (c.node_topology.match_labels or {}).get(NODE_KEY) == NODE:
             segment = tuple(sorted((c.node_topology.match_labels or {}).items()))
             found.setdefault(segment, set()).add(c.capacity)
     return found
