@@ -49,6 +49,6 @@ $cmd
 SCRIPT
 export PATH=$VENV/bin:$PATH
 # QEMU reopens the console as /proc/self/fd/1, which truncates a redirected log file: keep
-# our stdout a pipe (pipefail keeps the command's exit code).
+# stdout and stderr a pipe (pipefail keeps the command's exit code).
 vng --run "$KERNEL" --disable-kvm --force-9p --user root --memory "${OPENSDS_VM_MEMORY:-2G}" \
-  --cpus 2 --rwdir "$SCRATCH" "${qemu_net[@]}" --exec "bash $SCRATCH/run.sh" | cat
+  --cpus 2 --rwdir "$SCRATCH" "${qemu_net[@]}" --exec "bash $SCRATCH/run.sh" 2>&1 | cat
