@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from . import mounts
-from .connectors import connector_for
+from .connectors import Connectors
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .locks import KeyLocks
 from .nodestate import NodeState, StagedVolume
@@ -49,6 +49,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.max_volumes = max_volumes
         self.state = NodeState(state_dir)
         self.locks = KeyLocks()
+        self.connectors = Connectors(node_id)
 
     # ------------------------------------------------------------ stage
 
@@ -70,7 +71,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if known is not None and known.access_type != access:
                 raise AlreadyExists(f"volume {request.volume_id} is already staged for {known.access_type} access")
             transport = request.publish_context.get("transport", "local")
-            connector = connector_for(transport)
+            connector = self.connectors.get(transport)
             device = connector.attach(request.volume_id, request.publish_context)
             volume = StagedVolume(
                 volume_id=request.volume_id, transport=transport, context=dict(request.publish_context),
@@ -107,7 +108,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             mounts.unmount(request.staging_target_path)
             volume = self.state.get(request.volume_id)
             if volume is not None:
-                connector_for(volume.transport).detach(volume.volume_id, volume.context, volume.device)
+                self.connectors.get(volume.transport).detach(volume.volume_id, volume.context, volume.device)
                 self.state.remove(request.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
 
@@ -215,7 +216,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         _require(volume_id=request.volume_id, volume_path=request.volume_path)
         with self.locks.hold(request.volume_id):
             volume = self._staged_at(request.volume_id, request.volume_path)
-            connector_for(volume.transport).refresh(volume.device)
+            self.connectors.get(volume.transport).refresh(volume.device)
             if volume.access_type == "mount":
                 mount = mounts.mount_at(volume.staging_path)
                 mounts.grow_filesystem(volume.device, volume.staging_path, mount.fstype if mount else volume.fs_type)

@@ -68,6 +68,7 @@ def run_dock() -> None:
     _logging(args.verbose)
     from .drivers import make_driver
     from .drivers.base import PermanentDriverError
+    from .exports import make_exporters
     from .handlers.dock import Dock, build_registry
 
     log = logging.getLogger("opensds.dock")
@@ -76,13 +77,14 @@ def run_dock() -> None:
         time.sleep(5)
     try:
         driver = make_driver(backend["spec"])
+        exporters = make_exporters(backend["spec"])
     except PermanentDriverError as e:
         conditions = set_condition((backend.get("status") or {}).get("conditions"), "Ready", False,
                                    "InvalidParameters", str(e))
         kube.patch_status(BACKENDS, args.backend, {"conditions": conditions})
         kube.post_event(backend, "InvalidParameters", str(e), warning=True, component="opensds-dock")
         raise SystemExit(f"opensds-dock: {e}") from e
-    dock = Dock(args.backend, driver)
+    dock = Dock(args.backend, driver, exporters)
     # The backend may set its own report interval; the scheduler's staleness check uses it too.
     interval = float(backend["spec"].get("capacityReportIntervalSeconds", args.capacity_interval))
     registry = build_registry(dock, interval, args.orphan_interval)

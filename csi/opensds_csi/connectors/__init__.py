@@ -4,13 +4,21 @@ from __future__ import annotations
 from ..errors import InvalidArgument
 from .base import Connector
 from .local import LocalConnector
+from .nvme_tcp import NvmeTcpConnector
 
-_CONNECTORS: dict[str, Connector] = {"local": LocalConnector()}
 
+class Connectors:
+    """The connectors of one node (network transports connect with the node's own identity)."""
 
-def connector_for(transport: str) -> Connector:
-    try:
-        return _CONNECTORS[transport]
-    except KeyError:
-        raise InvalidArgument(f"transport {transport!r} is not supported by this node plugin "
-                              f"(supported: {', '.join(sorted(_CONNECTORS))})") from None
+    def __init__(self, node_id: str) -> None:
+        self._by_transport: dict[str, Connector] = {
+            "local": LocalConnector(),
+            "nvmeof-tcp": NvmeTcpConnector(node_id),
+        }
+
+    def get(self, transport: str) -> Connector:
+        try:
+            return self._by_transport[transport]
+        except KeyError:
+            raise InvalidArgument(f"transport {transport!r} is not supported by this node plugin "
+                                  f"(supported: {', '.join(sorted(self._by_transport))})") from None

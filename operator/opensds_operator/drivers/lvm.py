@@ -78,7 +78,7 @@ class LvmDriver:
         total, free, provisioned = thin_pool_stats(self._lvs(), self.thin_pool)
         caps = Capabilities(
             storage_types=frozenset({"block"}), thin=True, thick=False, snapshot=True, clone=True,
-            protocols=frozenset({"local", "nvmeof-tcp", "iscsi"}), max_volume_bytes=0,
+            protocols=frozenset({"local"}), max_volume_bytes=0,  # network protocols: the dock's exporters
         )
         return [PoolStats(self.thin_pool, total, free, provisioned, caps)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -32,7 +33,8 @@ from ..api import (
     volume_backend_id,
 )
 from ..conditions import now, set_condition
-from ..drivers.base import Driver, DriverError, PermanentDriverError, Source
+from ..drivers.base import Driver, DriverError, NotFound, PermanentDriverError, Source
+from ..exports.base import Exporter
 from ..quantity import format_bytes, parse_bytes
 from .operator import BACKEND_LABEL
 
@@ -59,9 +61,10 @@ def guarded(obj: dict[str, Any] | None) -> bool:
 class Dock:
     CAPACITY_COALESCE_SECONDS = 0.5
 
-    def __init__(self, backend: str, driver: Driver) -> None:
+    def __init__(self, backend: str, driver: Driver, exporters: dict[str, Exporter] | None = None) -> None:
         self.backend = backend
         self.driver = driver
+        self.exporters = exporters or {}
         self._capacity_lock = threading.Lock()
         self._capacity_pending = False
 
@@ -115,7 +118,8 @@ class Dock:
                 "totalBytes": p.total_bytes,
                 "freeBytes": p.free_bytes,
                 "provisionedBytes": p.provisioned_bytes,
-                "capabilities": p.capabilities.to_status(),
+                "capabilities": replace(p.capabilities, protocols=p.capabilities.protocols
+                                        | frozenset(self.exporters)).to_status(),
                 "topology": dict(obj["spec"].get("topology", {}) or {}),
             } for p in pools],
             "conditions": set_condition(conditions, READY, True, "DockServing",
@@ -173,6 +177,8 @@ class Dock:
             elif info.size_bytes < size:
                 self.record_intent(VOLUMES, body, {"phase": EXPANDING})
                 info = self.driver.extend_volume(backend_id, pool, size)
+                for exporter in self.exporters.values():
+                    exporter.resize(backend_id)
                 event = ("Expanded", f"expanded {backend_id} to {format_bytes(info.size_bytes)}")
             else:
                 event = None
@@ -202,7 +208,9 @@ class Dock:
         if event:
             kube.post_event(dict(body), *event, component="opensds-dock")
             self.capacity_changed()
-        if sorted(spec.get("publishedNodes") or []) != sorted(status.get("publishedNodes") or []):
+        if spec.get("publishedNodes") or status.get("publishedNodes"):
+            # Always converge: after a reboot or a dock restart configfs is empty while the
+            # API still says who may connect.
             self.reconcile_access(done)
 
     def reconcile_access(self, body: kopf.Body | dict[str, Any]) -> None:
@@ -216,8 +224,22 @@ class Dock:
         if status.get("phase") not in (AVAILABLE, EXPANDING):
             raise kopf.TemporaryError("volume is not Available yet; exporting it later", delay=2)
         nodes = sorted(spec.get("publishedNodes") or [])
+        backend_id = volume_backend_id(meta["uid"])
+        profile = kube.get(PROFILES, spec["profile"]) or {}
+        protocol = (profile.get("spec") or {}).get("accessProtocol", "local")
         try:
-            context = self.driver.export(volume_backend_id(meta["uid"]), spec["pool"], nodes)
+            if protocol == "local":
+                context = self.driver.export(backend_id, spec["pool"], nodes)
+            else:
+                exporter = self.exporters.get(protocol)
+                if exporter is None:
+                    raise PermanentDriverError(
+                        f"backend {self.backend} does not export {protocol} (offers: "
+                        f"{', '.join(['local', *sorted(self.exporters)])}); configure it in spec.parameters")
+                info = self.driver.get_volume(backend_id, spec["pool"])
+                if info is None or not info.path:
+                    raise NotFound(f"volume {backend_id} not found in pool {spec['pool']}")
+                context = exporter.export(backend_id, info.path, meta["uid"], nodes)
         except PermanentDriverError as e:
             self._fail(VOLUMES, body, e, phase=None)
             raise kopf.PermanentError(str(e)) from e
@@ -239,6 +261,8 @@ class Dock:
             return
         log.info("deleting %s of %s/%s", backend_id, meta["namespace"], meta["name"])
         try:
+            for exporter in self.exporters.values():
+                exporter.unexport(backend_id)
             self.driver.delete_volume(backend_id, spec["pool"])
         except (DriverError, OSError) as e:
             self._fail(VOLUMES, body, e, phase=None)
