@@ -38,3 +38,13 @@ def thin_pool() -> Iterator[tuple[str, str]]:
     subprocess.run(["vgremove", "-qq", "-f", vg], check=False)
     subprocess.run(["losetup", "-d", loop], check=False)
     image.unlink()
+
+
+@pytest.fixture(scope="session")
+def nvmet() -> None:
+    """The kernel NVMe-oF target and host over TCP, with configfs mounted, and loopback up."""
+    for module in ("configfs", "nvmet", "nvmet-tcp", "nvme-tcp"):
+        sh("modprobe", module)
+    if not Path("/sys/kernel/config/nvmet").exists():
+        sh("mount", "-t", "configfs", "none", "/sys/kernel/config")
+    sh("ip", "link", "set", "lo", "up")

@@ -42,8 +42,29 @@ def digest(device: str, length: int) -> str:
         return hashlib.sha256(f.read(length)).hexdigest()
 
 
+class Stack:
+    """The real operator and an LVM dock (NVMe-oF/TCP on 127.0.0.1:4420) inside the VM."""
+
+    def __init__(self, crs: client.CustomObjectsApi, ns: str, backend: str, vg: str) -> None:
+        self.crs, self.ns, self.backend, self.vg = crs, ns, backend, vg
+        self.env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
+        self.bindir = Path(sys.executable).parent
+        self.log = open(SCRATCH / f"{backend}.log", "ab")  # noqa: SIM115
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, which: str) -> None:
+        args = ([str(self.bindir / "opensds-operator")] if which == "operator" else
+                [str(self.bindir / "opensds-dock"), "--backend", self.backend, "--capacity-interval", "5"])
+        self.procs[which] = subprocess.Popen(args, env=self.env, stdout=self.log, stderr=self.log)
+
+    def stop(self, which: str) -> None:
+        proc = self.procs.pop(which)
+        proc.terminate()
+        proc.wait(20)
+
+
 @pytest.fixture
-def stack(thin_pool: tuple[str, str]) -> Iterator[tuple[client.CustomObjectsApi, str, str, str]]:
+def stack(thin_pool: tuple[str, str], nvmet: None) -> Iterator[Stack]:
     vg, pool = thin_pool
     api = config.new_client_from_config(config_file=str(KUBECONFIG))
     crs = client.CustomObjectsApi(api)
@@ -53,27 +74,23 @@ def stack(thin_pool: tuple[str, str]) -> Iterator[tuple[client.CustomObjectsApi,
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     crs.create_cluster_custom_object(G, V, "storagebackends", {
         "apiVersion": f"{G}/{V}", "kind": "StorageBackend", "metadata": {"name": backend},
-        "spec": {"driver": "lvm", "nodeName": "vm", "parameters": {"volumeGroup": vg, "thinPool": pool}}})
-    env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
-    bindir = Path(sys.executable).parent
-    log = open(SCRATCH / f"{backend}.log", "ab")  # noqa: SIM115
-    procs = [subprocess.Popen([str(bindir / "opensds-operator")], env=env, stdout=log, stderr=log),
-             subprocess.Popen([str(bindir / "opensds-dock"), "--backend", backend, "--capacity-interval", "5"],
-                              env=env, stdout=log, stderr=log)]
+        "spec": {"driver": "lvm", "nodeName": "vm", "parameters": {
+            "volumeGroup": vg, "thinPool": pool, "nvmeofAddresses": "127.0.0.1:4420"}}})
+    stack = Stack(crs, ns, backend, vg)
+    stack.start("operator")
+    stack.start("dock")
     try:
-        yield crs, ns, backend, vg
+        yield stack
     finally:
         crs.delete_cluster_custom_object(G, V, "storagebackends", backend)
         core.delete_namespace(ns)
         time.sleep(3)
-        for p in procs:
-            p.terminate()
-            p.wait(20)
+        for which in list(stack.procs):
+            stack.stop(which)
 
 
-def test_lvm_backend_volume_snapshot_restore_expand_delete(
-        stack: tuple[client.CustomObjectsApi, str, str, str]) -> None:
-    crs, ns, backend, vg = stack
+def test_lvm_backend_volume_snapshot_restore_expand_delete(stack: Stack) -> None:
+    crs, ns, backend, vg = stack.crs, stack.ns, stack.backend, stack.vg
 
     def get(plural: str, name: str) -> dict[str, Any]:
         return crs.get_namespaced_custom_object(G, V, ns, plural, name)  # type: ignore[no-any-return]
@@ -122,4 +139,85 @@ def test_lvm_backend_volume_snapshot_restore_expand_delete(
         lvs = sh("lvs", "--reportformat", "json", "-o", "lv_name", vg)
         assert "vol-" not in lvs and "snap-" not in lvs
     finally:
+        crs.delete_cluster_custom_object(G, V, "storageprofiles", profile)
+
+
+def test_nvmeof_export_follows_published_nodes_and_is_rebuilt_after_a_dock_restart(stack: Stack) -> None:
+    """ControllerPublish's effect (Volume.spec.publishedNodes) -> the dock's nvmet export -> the node plugin."""
+    import grpc
+
+    from opensds_csi.node import NodeService
+    from opensds_csi.proto import csi_pb2, csi_pb2_grpc
+    from opensds_csi.server import build_server
+    from opensds_operator.exports.base import volume_nqn
+    from opensds_operator.exports.nvmet import CONFIGFS
+
+    crs, ns = stack.crs, stack.ns
+
+    def volume() -> dict[str, Any]:
+        return crs.get_namespaced_custom_object(G, V, ns, "volumes", "net")  # type: ignore[no-any-return]
+
+    work = Path("/run/opensds-dock-e2e")
+    work.mkdir(exist_ok=True)
+    server = build_server(f"unix://{work}/node.sock", max_workers=4)
+    csi_pb2_grpc.add_NodeServicer_to_server(NodeService("node-a", {}, str(work / "state")), server)
+    server.start()
+    node = csi_pb2_grpc.NodeStub(grpc.insecure_channel(f"unix://{work}/node.sock"))
+    cap = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
+                                   access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
+
+    def mount(context: dict[str, str]) -> Path:
+        (work / "staging").mkdir(exist_ok=True)
+        node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=f"{ns}/net", publish_context=context, staging_target_path=str(work / "staging"),
+            volume_capability=cap))
+        return work / "staging"
+
+    def unmount() -> None:
+        node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=f"{ns}/net", staging_target_path=str(work / "staging")))
+
+    profile = f"nvme-{uuid.uuid4().hex[:6]}"
+    crs.create_cluster_custom_object(G, V, "storageprofiles", {
+        "apiVersion": f"{G}/{V}", "kind": "StorageProfile", "metadata": {"name": profile},
+        "spec": {"storageType": "block", "accessProtocol": "nvmeof-tcp"}})
+    try:
+        crs.create_namespaced_custom_object(G, V, ns, "volumes", {
+            "apiVersion": f"{G}/{V}", "kind": "Volume", "metadata": {"name": "net"},
+            "spec": {"size": "64Mi", "profile": profile}})
+        wait(lambda: (volume().get("status") or {}).get("phase") == "Available", 180, "Volume Available")
+        crs.patch_namespaced_custom_object(G, V, ns, "volumes", "net", {"spec": {"publishedNodes": ["node-a"]}})
+        status = wait(lambda: (s := volume().get("status") or {}).get("publishedNodes") == ["node-a"] and s, 120,
+                      "export to node-a")
+        context = dict(status["publishContext"])
+        assert context["transport"] == "nvmeof-tcp" and context["addresses"] == "127.0.0.1:4420"
+        subsystem = CONFIGFS / "subsystems" / volume_nqn(f"vol-{volume()['metadata']['uid']}")
+        payload = os.urandom(MiB)
+        (mount(context) / "payload").write_bytes(payload)
+        unmount()
+
+        # a reboot empties configfs; the restarted dock rebuilds the export from the API
+        stack.stop("dock")
+        from opensds_operator.exports.nvmet import NvmetExporter
+        NvmetExporter([("127.0.0.1", 4420)]).unexport(subsystem.name.split(":", 1)[1])
+        assert not subsystem.exists()
+        stack.start("dock")
+        wait(lambda: (subsystem / "allowed_hosts" / "nqn.2024-11.io.opensds:node:node-a").exists(), 180,
+             "export rebuilt after the dock restart")
+        assert hashlib.sha256((mount(context) / "payload").read_bytes()).digest() == hashlib.sha256(payload).digest()
+        unmount()
+
+        # unpublish removes exactly that node's access
+        crs.patch_namespaced_custom_object(G, V, ns, "volumes", "net", {"spec": {"publishedNodes": []}})
+        wait(lambda: (volume().get("status") or {}).get("publishedNodes") == [], 120, "unexported")
+        assert list((subsystem / "allowed_hosts").iterdir()) == []
+        with pytest.raises(grpc.RpcError) as refused:
+            mount(context)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+        crs.delete_namespaced_custom_object(G, V, ns, "volumes", "net")
+        wait(lambda: not crs.list_namespaced_custom_object(G, V, ns, "volumes")["items"], 180, "Volume gone")
+        assert not subsystem.exists()
+    finally:
+        server.stop(None)
         crs.delete_cluster_custom_object(G, V, "storageprofiles", profile)

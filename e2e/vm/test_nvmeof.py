@@ -39,13 +39,7 @@ def capability(fs: str | None) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs), access_mode=access)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def nvmet_modules() -> None:
-    for module in ("configfs", "nvmet", "nvmet-tcp", "nvme-tcp"):
-        sh("modprobe", module)
-    if not CONFIGFS.exists():
-        sh("mount", "-t", "configfs", "none", "/sys/kernel/config")
-    sh("ip", "link", "set", "lo", "up")
+pytestmark = pytest.mark.usefixtures("nvmet")
 
 
 class Node:
