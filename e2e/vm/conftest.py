@@ -48,3 +48,28 @@ def nvmet() -> None:
     if not Path("/sys/kernel/config/nvmet").exists():
         sh("mount", "-t", "configfs", "none", "/sys/kernel/config")
     sh("ip", "link", "set", "lo", "up")
+
+
+@pytest.fixture(scope="session")
+def lio() -> Iterator[None]:
+    """LIO (the kernel iSCSI target) and an open-iscsi initiator: iscsid with its state on tmpfs.
+
+    The host's /etc/iscsi is shared read-only into the VM; a tmpfs over it (and over
+    /var/lib/iscsi where that exists) gives iscsid its writable node/iface database, inside the VM only.
+    """
+    for module in ("configfs", "target_core_mod", "iscsi_target_mod", "target_core_iblock", "iscsi_tcp"):
+        sh("modprobe", module)
+    if not Path("/sys/kernel/config/target").exists():
+        sh("mount", "-t", "configfs", "none", "/sys/kernel/config")
+    sh("ip", "link", "set", "lo", "up")
+    conf = Path("/etc/iscsi/iscsid.conf").read_text() if Path("/etc/iscsi/iscsid.conf").exists() else ""
+    for directory in ("/etc/iscsi", "/var/lib/iscsi"):
+        if Path(directory).is_dir():
+            sh("mount", "-t", "tmpfs", "tmpfs", directory)
+    Path("/etc/iscsi/iscsid.conf").write_text(conf)
+    Path("/etc/iscsi/initiatorname.iscsi").write_text("InitiatorName=iqn.2024-11.io.opensds:vm-default\n")
+    Path("/run/lock/iscsi").mkdir(parents=True, exist_ok=True)
+    sh("iscsid")
+    yield
+    subprocess.run(["iscsiadm", "-m", "node", "--logoutall=all"], capture_output=True)
+    subprocess.run(["pkill", "-x", "iscsid"], capture_output=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import InvalidArgument
 from .base import Connector
+from .iscsi import IscsiConnector
 from .local import LocalConnector
 from .nvme_tcp import NvmeTcpConnector
 
@@ -14,6 +15,7 @@ class Connectors:
         self._by_transport: dict[str, Connector] = {
             "local": LocalConnector(),
             "nvmeof-tcp": NvmeTcpConnector(node_id),
+            "iscsi": IscsiConnector(node_id),
         }
 
     def get(self, transport: str) -> Connector:

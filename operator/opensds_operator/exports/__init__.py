@@ -20,11 +20,15 @@ def parse_addresses(value: str) -> list[tuple[str, int]]:
 
 
 def make_exporters(spec: dict[str, Any]) -> dict[str, Exporter]:
-    """Exporters by accessProtocol, from StorageBackend.spec.parameters (nvmeofAddresses)."""
+    """Exporters by accessProtocol, from StorageBackend.spec.parameters (nvmeofAddresses, iscsiPortals)."""
     params: dict[str, str] = dict(spec.get("parameters", {}) or {})
     exporters: dict[str, Exporter] = {}
     if params.get("nvmeofAddresses"):
         from .nvmet import NvmetExporter
 
         exporters["nvmeof-tcp"] = NvmetExporter(parse_addresses(params["nvmeofAddresses"]))
+    if params.get("iscsiPortals"):
+        from .lio import LioExporter
+
+        exporters["iscsi"] = LioExporter(parse_addresses(params["iscsiPortals"]))
     return exporters

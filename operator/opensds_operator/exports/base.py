@@ -34,3 +34,15 @@ class Exporter(Protocol):
     def exported(self) -> list[str]:
         """Backend ids with an export (for the orphan sweep)."""
         ...
+
+
+IQN_PREFIX = "iqn.2024-11.io.opensds"
+
+
+def node_iqn(node: str) -> str:
+    """The iSCSI initiator name a node logs in with: derived from its node id, like its NQN."""
+    return f"{IQN_PREFIX}:node:{node}"
+
+
+def volume_iqn(backend_id: str) -> str:
+    return f"{IQN_PREFIX}:{backend_id}"
