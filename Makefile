@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	bash hack/link-ceph-bindings.sh $(VENV)
 	touch $@
 
 tools:                       ## build the pinned Kubernetes/CSI toolchain into bin/

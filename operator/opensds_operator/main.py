@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import time
+from typing import Any
 
 import kopf
 
 from . import kube
 from .api import BACKENDS, DOCK_FINALIZER, OPERATOR_FINALIZER
 from .conditions import set_condition
+from .drivers.base import PermanentDriverError
 
 PERSISTENCE_PREFIX = {"operator": "operator.opensds.io", "dock": "dock.opensds.io"}
 FINALIZER = {"operator": OPERATOR_FINALIZER, "dock": DOCK_FINALIZER}
@@ -56,6 +59,25 @@ def run_operator() -> None:
              clusterwide=True, liveness_endpoint=args.liveness)
 
 
+def _backend_secret(spec: dict[str, Any]) -> str | None:
+    """The credential in StorageBackend.spec.secretRef (key `key`); kept in memory only."""
+    ref = spec.get("secretRef")
+    if not ref:
+        return None
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        secret = client.CoreV1Api(kube.api_client()).read_namespaced_secret(ref["name"], ref["namespace"])
+    except ApiException as e:
+        raise PermanentDriverError(f"cannot read Secret {ref['namespace']}/{ref['name']} "
+                                   f"(spec.secretRef): {e.reason}") from e
+    data = secret.data or {}
+    if "key" not in data:
+        raise PermanentDriverError(f"Secret {ref['namespace']}/{ref['name']} has no 'key' entry")
+    return base64.b64decode(data["key"]).decode()
+
+
 def run_dock() -> None:
     parser = argparse.ArgumentParser(prog="opensds-dock", description="Serve one StorageBackend")
     _common_args(parser)
@@ -67,7 +89,6 @@ def run_dock() -> None:
     args = parser.parse_args()
     _logging(args.verbose)
     from .drivers import make_driver
-    from .drivers.base import PermanentDriverError
     from .exports import make_exporters
     from .handlers.dock import Dock, build_registry
 
@@ -76,7 +97,7 @@ def run_dock() -> None:
         log.info("waiting for StorageBackend %s to exist", args.backend)
         time.sleep(5)
     try:
-        driver = make_driver(backend["spec"])
+        driver = make_driver(backend["spec"], secret_key=_backend_secret(backend["spec"]))
         exporters = make_exporters(backend["spec"])
     except PermanentDriverError as e:
         conditions = set_condition((backend.get("status") or {}).get("conditions"), "Ready", False,

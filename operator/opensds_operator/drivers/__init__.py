@@ -7,8 +7,10 @@ from ..quantity import parse_bytes
 from .base import Driver, PermanentDriverError
 
 
-def make_driver(spec: dict[str, Any]) -> Driver:
-    """Build the driver a StorageBackend asks for; PermanentDriverError says what to fix."""
+def make_driver(spec: dict[str, Any], secret_key: str | None = None) -> Driver:
+    """Build the driver a StorageBackend asks for; PermanentDriverError says what to fix.
+
+    `secret_key` is the credential from spec.secretRef (read by the caller, never logged)."""
     kind = spec.get("driver")
     params: dict[str, str] = dict(spec.get("parameters", {}) or {})
     if kind == "file":
@@ -24,4 +26,12 @@ def make_driver(spec: dict[str, Any]) -> Driver:
         if "volumeGroup" not in params:
             raise PermanentDriverError("lvm backend needs parameters.volumeGroup")
         return LvmDriver(params["volumeGroup"], params.get("thinPool", "thinpool"))
-    raise PermanentDriverError(f"driver {kind!r} is not available in this release (available: file, lvm)")
+    if kind == "ceph":
+        from .rbd import RbdDriver
+
+        missing = [k for k in ("conf", "pool") if k not in params]
+        if missing:
+            raise PermanentDriverError(f"ceph backend needs parameters.{' and parameters.'.join(missing)}")
+        return RbdDriver(params["conf"], params["pool"], params.get("user", "opensds"), keyring=params.get("keyring"),
+                         key=secret_key, clone_depth=int(params.get("cloneDepth", "8")))
+    raise PermanentDriverError(f"driver {kind!r} is not available in this release (available: file, lvm, ceph)")
