@@ -14,8 +14,9 @@ POOL=opensds
 CONF=$DIR/ceph.conf
 ceph_() { ceph -c "$CONF" "$@"; }
 
-status() {
-  [[ -f $CONF ]] && timeout 10 ceph -c "$CONF" --connect-timeout 5 health 2>/dev/null | grep -q HEALTH_OK
+status() { # healthy, and the pool's statistics published (what clients' `ceph df` reads)
+  [[ -f $CONF ]] && timeout 10 ceph -c "$CONF" --connect-timeout 5 health 2>/dev/null | grep -q HEALTH_OK &&
+    timeout 10 ceph -c "$CONF" --connect-timeout 5 df --format json 2>/dev/null | grep -q "\"name\":\"$POOL\""
 }
 
 stop() {

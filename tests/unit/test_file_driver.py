@@ -90,7 +90,9 @@ def test_pool_reports_capacity_and_provisioned_bytes(driver: FileDriver) -> None
 def test_make_driver_explains_bad_parameters(tmp_path: Path) -> None:
     with pytest.raises(PermanentDriverError, match=r"needs parameters\.path"):
         make_driver({"driver": "file", "parameters": {}})
-    with pytest.raises(PermanentDriverError, match="'ceph' is not available"):
+    with pytest.raises(PermanentDriverError, match="'nfs' is not available"):
+        make_driver({"driver": "nfs"})
+    with pytest.raises(PermanentDriverError, match=r"needs parameters\.conf and parameters\.pool"):
         make_driver({"driver": "ceph"})
     d = make_driver({"driver": "file", "parameters": {"path": str(tmp_path), "capacity": "1Gi"}})
     assert d.pools()[0].total_bytes == 2**30

@@ -81,6 +81,8 @@ class RbdDriver:
             raise DriverError(f"ceph df failed: {err}")
         stats = next((p["stats"] for p in json.loads(out)["pools"] if p["name"] == self.pool), None)
         if stats is None:
+            if self.cluster.pool_exists(self.pool):  # the mgr's statistics trail a new pool by seconds
+                raise DriverError(f"no statistics for Ceph pool {self.pool!r} yet")
             raise PermanentDriverError(f"Ceph pool {self.pool!r} does not exist")
         with self._ioctx() as ioctx:
             provisioned = 0
