@@ -91,11 +91,11 @@ up() {
     monmaptool --create --addv a "[v2:127.0.0.1:$PORT,v1:127.0.0.1:$((PORT + 1))]" --fsid "$fsid" "$DIR/monmap" >/dev/null
     ceph-mon -c "$CONF" --mkfs -i a --monmap "$DIR/monmap" --keyring "$DIR/mon.keyring"
   fi
-  ceph-mon -c "$CONF" -i a
+  ceph-mon -c "$CONF" -i a 2>>"$DIR/log/daemons.err"
   if [[ ! -f $DIR/mgr/x/keyring ]]; then
     ceph_ auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' -o "$DIR/mgr/x/keyring"
   fi
-  ceph-mgr -c "$CONF" -i x
+  ceph-mgr -c "$CONF" -i x 2>>"$DIR/log/daemons.err"
   if [[ ! -f $DIR/.created ]]; then
     local uuid secret id
     uuid=$(cat /proc/sys/kernel/random/uuid)
@@ -106,7 +106,7 @@ up() {
     ceph-osd -c "$CONF" -i "$id" --mkfs --osd-uuid "$uuid" >/dev/null 2>&1
     echo "$id" > "$DIR/osd.id"
   fi
-  ceph-osd -c "$CONF" -i "$(cat "$DIR/osd.id")"
+  ceph-osd -c "$CONF" -i "$(cat "$DIR/osd.id")" 2>>"$DIR/log/daemons.err"
   if [[ ! -f $DIR/.created ]]; then
     ceph_ osd pool create "$POOL" 8 >/dev/null 2>&1
     rbd -c "$CONF" pool init "$POOL"

@@ -5,8 +5,11 @@ devices / local LVs) now; NVMe-oF/TCP, iSCSI and krbd slot in beside it.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Protocol
+
+ATTACH_TIMEOUT = 20.0
 
 
 class Connector(Protocol):
@@ -21,3 +24,13 @@ class Connector(Protocol):
     def refresh(self, device: str) -> None:
         """Make the kernel re-read the size after the backend grew the volume."""
         ...
+
+
+def wait_for_device(find: Callable[[], str | None], any_path_up: bool, timeout: float = ATTACH_TIMEOUT) -> str | None:
+    """Poll udev's view until the device shows up; no wait at all when every path failed."""
+    deadline = time.monotonic() + (timeout if any_path_up else 0)
+    while True:
+        device = find()
+        if device or time.monotonic() >= deadline:
+            return device
+        time.sleep(0.2)

@@ -5,7 +5,6 @@ A dedicated iface (`opensds`) keeps the node's own /etc/iscsi/initiatorname.iscs
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from opensds_operator.exports.base import node_iqn
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..run import CommandFailed, run
+from .base import wait_for_device
 
-ATTACH_TIMEOUT = 20.0
 IFACE = "opensds"
 
 
@@ -61,14 +60,9 @@ class IscsiConnector:
                 run(*base, "--login", ok_codes=(0, 15))  # 15: session exists
             except CommandFailed as e:
                 errors.append(f"{portal}: {e.stderr.strip()}")
-        deadline = time.monotonic() + (ATTACH_TIMEOUT if len(errors) < len(portals) else 0)
-        while True:
-            device = find_disk(serial)
-            if device:
-                return device
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.2)
+        device = wait_for_device(lambda: find_disk(serial), any_path_up=len(errors) < len(portals))
+        if device:
+            return device
         self.detach(volume_id, context, None)
         raise FailedPrecondition(f"volume {volume_id}: no disk with serial {serial} appeared for initiator "
                                  f"{self.initiator} ({'; '.join(errors) or 'logged in, but no disk'}); "

@@ -6,7 +6,6 @@ native NVMe multipath presents one device for the namespace.
 """
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,8 +16,7 @@ from opensds_operator.exports.base import node_host_nqn
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..run import CommandFailed, run
-
-ATTACH_TIMEOUT = 20.0
+from .base import wait_for_device
 
 
 def find_namespace(volume_uuid: str) -> str | None:
@@ -60,14 +58,9 @@ class NvmeTcpConnector:
             except CommandFailed as e:
                 if "already connected" not in e.stderr:
                     errors.append(f"{address}:{port}: {e.stderr.strip()}")
-        deadline = time.monotonic() + (ATTACH_TIMEOUT if len(errors) < len(portals) else 0)
-        while True:
-            device = find_namespace(volume_uuid)
-            if device:
-                return device
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.2)
+        device = wait_for_device(lambda: find_namespace(volume_uuid), any_path_up=len(errors) < len(portals))
+        if device:
+            return device
         self.detach(volume_id, context, None)
         raise FailedPrecondition(f"volume {volume_id}: no NVMe namespace {volume_uuid} appeared for host "
                                  f"{self.host_nqn} ({'; '.join(errors) or 'connected, but no device'}); "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -224,6 +225,23 @@ class RbdDriver:
         created = stamp.replace(tzinfo=UTC) if isinstance(stamp, datetime) else datetime.now(UTC)
         return SnapshotInfo(backend_id, size, created.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
+    def _unprotect(self, image: Any, snap: str, attempts: int = 8) -> None:
+        """Unprotect once no clone needs the snapshot.
+
+        Flattening detaches a clone's head, but snapshots taken of the clone before that still
+        read through this parent snapshot: then it stays until those are deleted, and the
+        dock's retry removes it afterwards (a DriverError is a temporary failure).
+        """
+        for attempt in range(attempts):
+            try:
+                image.unprotect_snap(snap)
+                return
+            except self.rbd.ImageBusy as e:
+                if attempt == attempts - 1:
+                    raise DriverError(f"snapshot {snap} is still needed by snapshots of its clones; it goes "
+                                      f"once they are deleted ({e})") from e
+                time.sleep(0.25)
+
     def _remove_snap(self, ioctx: Any, image_name: str, snap: str) -> None:
         with self._image(ioctx, image_name) as image:
             if snap not in {s["name"] for s in image.list_snaps()}:
@@ -232,9 +250,9 @@ class RbdDriver:
                 with self._image(ioctx, image_name, snapshot=snap) as at_snap:
                     children = [c["image"] for c in at_snap.list_children2()]
                 for child in children:  # clones of this snapshot stop depending on it
-                    with self._image(ioctx, child) as clone:
-                        clone.flatten()
-                image.unprotect_snap(snap)
+                    with self._image(ioctx, child) as clone, contextlib.suppress(self.rbd.InvalidArgument):
+                        clone.flatten()  # InvalidArgument: already independent
+                self._unprotect(image, snap)
             image.remove_snap(snap)
 
     def delete_snapshot(self, backend_id: str, pool: str) -> None:
