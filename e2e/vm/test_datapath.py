@@ -166,3 +166,30 @@ def test_unpublished_nodes_cannot_connect(volume: Exported, nodes: tuple[Node, N
         stage(node_a, volume.backend_id, context, capability("ext4"))
     assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert volume.visible() is None
+
+
+def test_two_nvme_portals_give_one_multipath_device(thin_pool: tuple[str, str], nodes: tuple[Node, Node]) -> None:
+    """Native NVMe multipath: one connection per portal, one block device for the namespace."""
+    vg, pool = thin_pool
+    driver, uid = LvmDriver(vg, pool), str(uuid.uuid4())
+    backend_id = f"vol-{uid}"
+    info = driver.create_volume(backend_id, pool, 64 * MiB, thin=True)
+    exporter = NvmetExporter([("127.0.0.1", 4420), ("127.0.0.2", 4420)])
+    try:
+        context = exporter.export(backend_id, info.path, uid, ["node-a"])
+        assert context["addresses"] == "127.0.0.1:4420,127.0.0.2:4420"
+        node_a, _ = nodes
+        target = stage(node_a, backend_id, context, capability(None))
+        nqn = volume_nqn(backend_id)
+        (subsystem,) = [s for s in Path("/sys/class/nvme-subsystem").iterdir()
+                        if (s / "subsysnqn").read_text().strip() == nqn]
+        controllers = sorted(p.name for p in subsystem.iterdir() if p.name.startswith("nvme") and "n" not in p.name[4:])
+        addresses = sorted((Path("/sys/class/nvme") / c / "address").read_text().strip() for c in controllers)
+        assert len(controllers) == 2, addresses
+        assert target.exists() and find_namespace(uid) is not None
+        unstage(node_a, backend_id)
+        assert find_namespace(uid) is None
+    finally:
+        sh("nvme", "disconnect-all")
+        exporter.unexport(backend_id)
+        driver.delete_volume(backend_id, pool)
