@@ -13,7 +13,9 @@ from pathlib import Path
 
 import grpc
 
-from . import mounts
+from opensds_operator.qos import IoLimits
+
+from . import iolimits, mounts
 from .connectors import Connectors
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .locks import KeyLocks
@@ -43,8 +45,10 @@ def _require(**fields: str) -> None:
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, node_id: str, topology: Mapping[str, str], state_dir: str, max_volumes: int = 0) -> None:
+    def __init__(self, node_id: str, topology: Mapping[str, str], state_dir: str, max_volumes: int = 0,
+                 cgroup_root: Path = iolimits.CGROUP_ROOT) -> None:
         self.node_id = node_id
+        self.cgroup_root = cgroup_root
         self.topology = dict(topology)
         self.max_volumes = max_volumes
         self.state = NodeState(state_dir)
@@ -72,7 +76,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise AlreadyExists(f"volume {request.volume_id} is already staged for {known.access_type} access")
             transport = request.publish_context.get("transport", "local")
             connector = self.connectors.get(transport)
-            device = connector.attach(request.volume_id, request.publish_context)
+            device = connector.attach(request.volume_id, request.publish_context, request.secrets)
             volume = StagedVolume(
                 volume_id=request.volume_id, transport=transport, context=dict(request.publish_context),
                 device=device, staging_path=staging, access_type=access, fs_type=fs_type, mount_flags=flags,
@@ -141,6 +145,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if volume.targets.get(os.path.realpath(target)) not in (None, read_only):
                     raise AlreadyExists(f"{target} is already published with another read-only setting")
                 return csi_pb2.NodePublishVolumeResponse()
+            limits = IoLimits.from_context(request.publish_context or volume.context)
+            cgroup = self._throttle(request.volume_id, volume.device, limits,
+                                    request.volume_context.get(iolimits.POD_UID_KEY, ""))
             if access == "block":
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 Path(target).touch(exist_ok=True)
@@ -149,8 +156,25 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 Path(target).mkdir(parents=True, exist_ok=True)
                 mounts.bind_mount(volume.staging_path, target, read_only)
             volume.targets[os.path.realpath(target)] = read_only
+            if cgroup:
+                volume.throttled[os.path.realpath(target)] = cgroup
             self.state.save(volume)
         return csi_pb2.NodePublishVolumeResponse()
+
+    def _throttle(self, volume_id: str, device: str, limits: IoLimits, pod_uid: str) -> str | None:
+        """Apply the volume's I/O limits to the pod's cgroup; returns that cgroup (None: no limits)."""
+        if not limits:
+            return None
+        if not pod_uid:
+            log.warning("volume %s has I/O limits (%s) but no pod UID was passed (CSIDriver podInfoOnMount "
+                        "is off?): not enforced", volume_id, limits)
+            return None
+        cgroup = iolimits.pod_cgroup(pod_uid, self.cgroup_root)
+        if cgroup is None:
+            raise FailedPrecondition(f"volume {volume_id} has I/O limits but pod {pod_uid} has no cgroup under "
+                                     f"{self.cgroup_root} yet")
+        iolimits.apply(cgroup, device, limits, self.cgroup_root)
+        return str(cgroup)
 
     def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest,
                             context: grpc.ServicerContext) -> csi_pb2.NodeUnpublishVolumeResponse:
@@ -164,8 +188,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             elif path.exists():
                 path.unlink()
             volume = self.state.get(request.volume_id)
-            if volume is not None and volume.targets.pop(os.path.realpath(target), None) is not None:
-                self.state.save(volume)
+            if volume is not None:
+                cgroup = volume.throttled.pop(os.path.realpath(target), None)
+                if cgroup:
+                    iolimits.lift(Path(cgroup), volume.device)
+                if volume.targets.pop(os.path.realpath(target), None) is not None or cgroup:
+                    self.state.save(volume)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # ------------------------------------------------------------ stats and growth

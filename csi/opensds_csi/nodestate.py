@@ -24,6 +24,7 @@ class StagedVolume:
     fs_type: str = ""
     mount_flags: list[str] = field(default_factory=list)
     targets: dict[str, bool] = field(default_factory=dict)  # publish target -> read-only
+    throttled: dict[str, str] = field(default_factory=dict)  # publish target -> pod cgroup with io.max
 
     def paths(self) -> set[str]:
         return {self.staging_path, *self.targets}

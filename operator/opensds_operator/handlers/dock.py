@@ -35,6 +35,7 @@ from ..api import (
 from ..conditions import now, set_condition
 from ..drivers.base import Driver, DriverError, NotFound, PermanentDriverError, Source
 from ..exports.base import Exporter
+from ..qos import volume_limits
 from ..quantity import format_bytes, parse_bytes
 from .operator import BACKEND_LABEL
 
@@ -246,6 +247,8 @@ class Dock:
         except (DriverError, OSError) as e:
             self._fail(VOLUMES, body, e, phase=None)
             raise kopf.TemporaryError(str(e), delay=5) from e
+        # The node enforces the profile's I/O limits (blk-cgroup io.max) from these entries.
+        context.update(volume_limits(profile.get("spec") or {}, int(status.get("capacityBytes") or 0)).as_context())
         kube.patch_status(VOLUMES, meta["name"], {"publishedNodes": nodes, "publishContext": context},
                           meta["namespace"])
         log.info("%s/%s exported to %s", meta["namespace"], meta["name"], ", ".join(nodes) or "nobody")
