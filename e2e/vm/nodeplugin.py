@@ -37,15 +37,17 @@ class Node:
         self.server.stop(None)
 
 
-def stage(node: Node, volume_id: str, context: dict[str, str], cap: csi_pb2.VolumeCapability) -> Path:
+def stage(node: Node, volume_id: str, context: dict[str, str], cap: csi_pb2.VolumeCapability,
+          volume_context: dict[str, str] | None = None, secrets: dict[str, str] | None = None) -> Path:
     staging = WORK / f"{volume_id}-staging"
     staging.mkdir(parents=True, exist_ok=True)
     node.stub.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-        volume_id=volume_id, publish_context=context, staging_target_path=str(staging), volume_capability=cap))
+        volume_id=volume_id, publish_context=context, staging_target_path=str(staging), volume_capability=cap,
+        secrets=secrets or {}))
     target = WORK / f"{volume_id}-target"
     node.stub.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
         volume_id=volume_id, publish_context=context, staging_target_path=str(staging), target_path=str(target),
-        volume_capability=cap))
+        volume_capability=cap, volume_context=volume_context or {}))
     return target
 
 

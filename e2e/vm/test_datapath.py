@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from opensds_csi.connectors.iscsi import find_disk
+from opensds_csi.connectors.iscsi import find_disk, find_disks, multipath_map
 from opensds_csi.connectors.nvme_tcp import find_namespace
 from opensds_csi.proto import csi_pb2
 from opensds_operator.drivers.lvm import LvmDriver
@@ -27,7 +27,7 @@ from opensds_operator.exports.base import Exporter, volume_iqn, volume_nqn
 from opensds_operator.exports.lio import LioExporter
 from opensds_operator.exports.nvmet import CONFIGFS, NvmetExporter
 
-from .conftest import sh
+from .kernel import sh
 from .nodeplugin import Node, capability, stage, unstage
 
 MiB = 2**20
@@ -191,5 +191,42 @@ def test_two_nvme_portals_give_one_multipath_device(thin_pool: tuple[str, str], 
         assert find_namespace(uid) is None
     finally:
         sh("nvme", "disconnect-all")
+        exporter.unexport(backend_id)
+        driver.delete_volume(backend_id, pool)
+
+
+def test_two_iscsi_portals_give_one_dm_multipath_device(thin_pool: tuple[str, str], nodes: tuple[Node, Node]) -> None:
+    """dm-multipath: one session per portal, one SCSI disk per path, one map the node uses."""
+    vg, pool = thin_pool
+    driver, uid = LvmDriver(vg, pool), str(uuid.uuid4())
+    backend_id = f"vol-{uid}"
+    info = driver.create_volume(backend_id, pool, 64 * MiB, thin=True)
+    exporter = LioExporter([("127.0.0.1", 3260), ("127.0.0.2", 3260)], dbroot=Path("/run/opensds-target"))
+    node_a, _ = nodes
+    try:
+        context = exporter.export(backend_id, info.path, uid, ["node-a"])
+        assert context["portals"] == "127.0.0.1:3260,127.0.0.2:3260"
+        target = stage(node_a, backend_id, context, capability(None))
+        disks = find_disks(uid)
+        assert len(disks) == 2, disks
+        device = multipath_map(disks)
+        assert device is not None
+        slaves = sorted(p.name for p in (Path("/sys/block") / Path(device).name / "slaves").iterdir())
+        assert slaves == sorted(Path(d).name for d in disks)
+        pattern = os.urandom(MiB)
+        fd = os.open(target, os.O_RDWR)
+        os.pwrite(fd, pattern, 8 * MiB)
+        os.fsync(fd)
+        os.close(fd)
+        unstage(node_a, backend_id)
+        assert find_disks(uid) == [] and not (Path("/sys/block") / Path(device).name).exists()
+        target = stage(node_a, backend_id, context, capability(None))
+        fd = os.open(target, os.O_RDONLY)
+        assert os.pread(fd, MiB, 8 * MiB) == pattern
+        os.close(fd)
+        unstage(node_a, backend_id)
+    finally:
+        subprocess.run(["multipath", "-F"], capture_output=True)
+        subprocess.run(["iscsiadm", "-m", "node", "--logoutall=all"], capture_output=True)
         exporter.unexport(backend_id)
         driver.delete_volume(backend_id, pool)

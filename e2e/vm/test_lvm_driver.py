@@ -10,7 +10,7 @@ import pytest
 from opensds_operator.drivers.base import NotFound, PermanentDriverError, Source
 from opensds_operator.drivers.lvm import LvmDriver
 
-from .conftest import sh
+from .kernel import sh
 
 MiB = 2**20
 

@@ -28,6 +28,10 @@ def storage_class(profile_name: str, profile_spec: dict[str, Any]) -> dict[str, 
         "allowVolumeExpansion": bool(profile_spec.get("allowVolumeExpansion", True)),
         "volumeBindingMode": "WaitForFirstConsumer" if is_topology_constrained(profile_spec) else "Immediate",
     }
+    secret = profile_spec.get("nodeStageSecretRef")
+    if secret:  # kubelet reads it and hands it to NodeStageVolume; publish_context stays free of keys
+        sc["parameters"]["csi.storage.k8s.io/node-stage-secret-name"] = secret["name"]
+        sc["parameters"]["csi.storage.k8s.io/node-stage-secret-namespace"] = secret["namespace"]
     if profile_spec.get("allowedTopologies"):
         sc["allowedTopologies"] = [
             {"matchLabelExpressions": [{"key": k, "values": [v]} for k, v in sorted(seg.items())]}

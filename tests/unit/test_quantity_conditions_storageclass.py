@@ -59,3 +59,12 @@ def test_parameter_change_needs_recreate_but_expansion_flag_does_not() -> None:
     assert not needs_recreate(base, {**base, "allowVolumeExpansion": False})
     assert needs_recreate(base, storage_class("p", {"storageType": "block", "accessProtocol": "local",
                                                     "fsType": "xfs"}))
+
+
+def test_node_stage_secret_becomes_the_storage_class_node_stage_parameters() -> None:
+    sc = storage_class("ceph", {"storageType": "block", "accessProtocol": "rbd",
+                                "nodeStageSecretRef": {"name": "ceph-node", "namespace": "opensds-system"}})
+    assert sc["parameters"]["csi.storage.k8s.io/node-stage-secret-name"] == "ceph-node"
+    assert sc["parameters"]["csi.storage.k8s.io/node-stage-secret-namespace"] == "opensds-system"
+    plain = storage_class("p", {"storageType": "block", "accessProtocol": "local"})
+    assert not any("secret" in key for key in plain["parameters"])

@@ -6,6 +6,7 @@ from .base import Connector
 from .iscsi import IscsiConnector
 from .local import LocalConnector
 from .nvme_tcp import NvmeTcpConnector
+from .rbd import RbdConnector
 
 
 class Connectors:
@@ -16,6 +17,7 @@ class Connectors:
             "local": LocalConnector(),
             "nvmeof-tcp": NvmeTcpConnector(node_id),
             "iscsi": IscsiConnector(node_id),
+            "rbd": RbdConnector(),
         }
 
     def get(self, transport: str) -> Connector:

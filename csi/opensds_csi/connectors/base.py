@@ -1,7 +1,9 @@
 """The node's connector interface: how a published volume becomes a local block device.
 
 One implementation per transport named in publish_context["transport"]: `local` (loop
-devices / local LVs) now; NVMe-oF/TCP, iSCSI and krbd slot in beside it.
+devices / local LVs), `nvmeof-tcp`, `iscsi` and `rbd` (krbd). publish_context is not secret
+(it is kept in VolumeAttachment status); credentials arrive separately as the node-stage
+secrets kubelet reads from the Secret the StorageClass names, and are never stored or logged.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ ATTACH_TIMEOUT = 20.0
 
 
 class Connector(Protocol):
-    def attach(self, volume_id: str, context: Mapping[str, str]) -> str:
+    def attach(self, volume_id: str, context: Mapping[str, str], secrets: Mapping[str, str]) -> str:
         """Connect and return the block device; attaching an attached volume returns the same device."""
         ...
 

@@ -19,7 +19,7 @@ def _loops_backing(path: str) -> list[str]:
 
 
 class LocalConnector:
-    def attach(self, volume_id: str, context: Mapping[str, str]) -> str:
+    def attach(self, volume_id: str, context: Mapping[str, str], secrets: Mapping[str, str]) -> str:
         path = context.get("path")
         if not path:
             raise InvalidArgument(f"publish_context of {volume_id} has no 'path'")

@@ -48,7 +48,7 @@ class NvmeTcpConnector:
         portals = [tuple(a.strip().rsplit(":", 1)) for a in addresses.split(",") if a.strip()]
         return nqn, [(p[0], p[1]) for p in portals if len(p) == 2], volume_uuid
 
-    def attach(self, volume_id: str, context: Mapping[str, str]) -> str:
+    def attach(self, volume_id: str, context: Mapping[str, str], secrets: Mapping[str, str]) -> str:
         nqn, portals, volume_uuid = self._fields(volume_id, context)
         errors = []
         for address, port in portals:

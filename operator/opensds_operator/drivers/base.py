@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..scheduler import Capabilities
 
@@ -98,3 +98,10 @@ class Driver(Protocol):
     def list_objects(self, pool: str) -> list[str]:
         """Backend ids of every volume and snapshot in the pool (for leak checks and GC)."""
         ...
+
+
+@runtime_checkable
+class SupportsQos(Protocol):
+    """A driver whose backend enforces I/O limits itself (RBD image QoS for librbd clients)."""
+
+    def set_qos(self, backend_id: str, max_iops: int | None, max_bps: int | None) -> None: ...

@@ -33,7 +33,7 @@ from ..api import (
     volume_backend_id,
 )
 from ..conditions import now, set_condition
-from ..drivers.base import Driver, DriverError, NotFound, PermanentDriverError, Source
+from ..drivers.base import Driver, DriverError, NotFound, PermanentDriverError, Source, SupportsQos
 from ..exports.base import Exporter
 from ..qos import volume_limits
 from ..quantity import format_bytes, parse_bytes
@@ -159,6 +159,12 @@ class Dock:
             raise kopf.TemporaryError(f"source Volume {source['name']} is not Available yet", delay=3)
         return Source("Volume", volume_backend_id(vol["metadata"]["uid"]))
 
+    def _backend_qos(self, backend_id: str, profile: dict[str, Any], size_bytes: int) -> None:
+        """Per-GiB limits change with the size; a backend with native QoS gets them (the node enforces too)."""
+        limits = volume_limits(profile.get("spec") or {}, size_bytes)
+        if limits and isinstance(self.driver, SupportsQos):
+            self.driver.set_qos(backend_id, limits.iops, limits.bps)
+
     def reconcile_volume(self, body: kopf.Body) -> None:
         meta, spec = body["metadata"], body["spec"]
         name, namespace = meta["name"], meta["namespace"]
@@ -174,10 +180,12 @@ class Dock:
                 thin = (profile.get("spec", {}).get("provisioning", {}) or {}).get("type", "thin") == "thin"
                 log.info("creating %s for %s/%s", backend_id, namespace, name)
                 info = self.driver.create_volume(backend_id, pool, size, thin, source)
+                self._backend_qos(backend_id, profile, info.size_bytes)
                 event = ("Created", f"created {backend_id} ({format_bytes(info.size_bytes)}) in {self.backend}/{pool}")
             elif info.size_bytes < size:
                 self.record_intent(VOLUMES, body, {"phase": EXPANDING})
                 info = self.driver.extend_volume(backend_id, pool, size)
+                self._backend_qos(backend_id, kube.get(PROFILES, spec["profile"]) or {}, info.size_bytes)
                 for exporter in self.exporters.values():
                     exporter.resize(backend_id)
                 event = ("Expanded", f"expanded {backend_id} to {format_bytes(info.size_bytes)}")
