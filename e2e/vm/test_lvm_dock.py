@@ -7,60 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client, config
 
-from .conftest import SCRATCH, sh
-
-G, V = "opensds.io", "v1alpha1"
-MiB = 2**20
-KUBECONFIG = SCRATCH / "kubeconfig"
+from .kernel import sh
+from .stack import KUBECONFIG, G, MiB, Stack, V, digest, wait
 
 pytestmark = pytest.mark.skipif(not KUBECONFIG.exists(), reason="needs OPENSDS_VM_APISERVER (make e2e sets it)")
-
-
-def wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-def digest(device: str, length: int) -> str:
-    with open(device, "rb") as f:
-        return hashlib.sha256(f.read(length)).hexdigest()
-
-
-class Stack:
-    """The real operator and an LVM dock (NVMe-oF/TCP on 127.0.0.1:4420) inside the VM."""
-
-    def __init__(self, crs: client.CustomObjectsApi, ns: str, backend: str, vg: str) -> None:
-        self.crs, self.ns, self.backend, self.vg = crs, ns, backend, vg
-        self.env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
-        self.bindir = Path(sys.executable).parent
-        self.log = open(SCRATCH / f"{backend}.log", "ab")  # noqa: SIM115
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, which: str) -> None:
-        args = ([str(self.bindir / "opensds-operator")] if which == "operator" else
-                [str(self.bindir / "opensds-dock"), "--backend", self.backend, "--capacity-interval", "5"])
-        self.procs[which] = subprocess.Popen(args, env=self.env, stdout=self.log, stderr=self.log)
-
-    def stop(self, which: str) -> None:
-        proc = self.procs.pop(which)
-        proc.terminate()
-        proc.wait(20)
 
 
 @pytest.fixture
@@ -76,7 +35,8 @@ def stack(thin_pool: tuple[str, str], nvmet: None) -> Iterator[Stack]:
         "apiVersion": f"{G}/{V}", "kind": "StorageBackend", "metadata": {"name": backend},
         "spec": {"driver": "lvm", "nodeName": "vm", "parameters": {
             "volumeGroup": vg, "thinPool": pool, "nvmeofAddresses": "127.0.0.1:4420"}}})
-    stack = Stack(crs, ns, backend, vg)
+    stack = Stack(crs, ns, backend)
+    stack.vg = vg
     stack.start("operator")
     stack.start("dock")
     try:
