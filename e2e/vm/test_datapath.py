@@ -8,10 +8,12 @@ nvme-tcp, iscsi_tcp, mkfs, mount, online resize.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import subprocess
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from opensds_csi.connectors.iscsi import find_disk, find_disks, multipath_map
 from opensds_csi.connectors.nvme_tcp import find_namespace
 from opensds_csi.proto import csi_pb2
 from opensds_operator.drivers.lvm import LvmDriver
-from opensds_operator.exports.base import Exporter, volume_iqn, volume_nqn
+from opensds_operator.exports.base import ExportAuth, Exporter, volume_iqn, volume_nqn
 from opensds_operator.exports.lio import LioExporter
 from opensds_operator.exports.nvmet import CONFIGFS, NvmetExporter
 
@@ -230,3 +232,37 @@ def test_two_iscsi_portals_give_one_dm_multipath_device(thin_pool: tuple[str, st
         subprocess.run(["iscsiadm", "-m", "node", "--logoutall=all"], capture_output=True)
         exporter.unexport(backend_id)
         driver.delete_volume(backend_id, pool)
+
+
+def dhchap_key() -> str:
+    """A DH-HMAC-CHAP secret as `nvme gen-dhchap-key` makes it: DHHC-1:00:base64(key + crc32):."""
+    key = os.urandom(32)
+    return f"DHHC-1:00:{base64.b64encode(key + zlib.crc32(key).to_bytes(4, 'little')).decode()}:"
+
+
+def test_authenticated_export_admits_only_a_node_holding_the_secret(volume: Exported, nodes: tuple[Node, Node]) -> None:
+    """DH-HMAC-CHAP (both directions) for NVMe/TCP, mutual CHAP for iSCSI, from one Secret's keys."""
+    secret = {"dhchapHostKey": dhchap_key(), "dhchapCtrlKey": dhchap_key(), "chapUser": "node-a",
+              "chapPassword": "Initiator-pw-1", "chapMutualUser": "target", "chapMutualPassword": "Target-pw-123"}
+    node_a, _ = nodes
+    context = volume.exporter.export(volume.backend_id, volume.device, volume.uid, ["node-a"],
+                                     ExportAuth.from_secret(secret))
+    assert context["auth"] in ("dhchap-bidirectional", "chap-mutual")
+    assert not set(secret.values()) & set(context.values())  # publish_context carries no credential
+    with pytest.raises(grpc.RpcError) as missing:
+        stage(node_a, volume.backend_id, context, capability("ext4"))
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    wrong = {**secret, "dhchapHostKey": dhchap_key(), "chapPassword": "Wrong-password"}
+    with pytest.raises(grpc.RpcError) as refused:
+        stage(node_a, volume.backend_id, context, capability("ext4"), secrets=wrong)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = refused.value.details() or ""
+    assert wrong["dhchapHostKey"] not in details and "Wrong-password" not in details
+    assert volume.visible() is None
+    target = stage(node_a, volume.backend_id, context, capability("ext4"), secrets=secret)
+    payload = os.urandom(MiB)
+    (target / "payload").write_bytes(payload)
+    unstage(node_a, volume.backend_id)
+    target = stage(node_a, volume.backend_id, context, capability("ext4"), secrets=secret)
+    assert (target / "payload").read_bytes() == payload
+    unstage(node_a, volume.backend_id)

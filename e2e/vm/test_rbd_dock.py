@@ -86,7 +86,7 @@ def test_rbd_volume_through_the_dock_maps_with_krbd_grows_snapshots_and_leaves_n
         secret = core.read_namespaced_secret(sc.parameters[f"{prefix}-name"], sc.parameters[f"{prefix}-namespace"])
         secrets = {k: base64.b64decode(v).decode() for k, v in secret.data.items() if k in ("userID", "userKey")}
 
-        create("volumes", "Volume", "data", {"size": "256Mi", "profile": profile})
+        create("volumes", "Volume", "data", {"size": "320Mi", "profile": profile})
         wait(lambda: status("volumes", "data").get("phase") == "Available", 180, "Volume Available")
         image = f"vol-{get('volumes', 'data')['metadata']['uid']}"
         crs.patch_namespaced_custom_object(G, V, ns, "volumes", "data", {"spec": {"publishedNodes": ["node-a"]}})
@@ -107,11 +107,11 @@ def test_rbd_volume_through_the_dock_maps_with_krbd_grows_snapshots_and_leaves_n
         payload = os.urandom(2 * MiB)
         (target / "payload").write_bytes(payload)
 
-        crs.patch_namespaced_custom_object(G, V, ns, "volumes", "data", {"spec": {"size": "384Mi"}})
-        wait(lambda: status("volumes", "data").get("capacityBytes") == 384 * MiB, 180, "expanded")
+        crs.patch_namespaced_custom_object(G, V, ns, "volumes", "data", {"spec": {"size": "448Mi"}})
+        wait(lambda: status("volumes", "data").get("capacityBytes") == 448 * MiB, 180, "expanded")
         grown = node.stub.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
             volume_id=f"{ns}/data", volume_path=str(target)))
-        assert grown.capacity_bytes == 384 * MiB
+        assert grown.capacity_bytes == 448 * MiB
         unstage(node, f"{ns}/data")
         assert mapped_device(POOL, image) is None
         assert "riops" not in (cgroup / "io.max").read_text()  # lifted on unpublish
@@ -119,7 +119,7 @@ def test_rbd_volume_through_the_dock_maps_with_krbd_grows_snapshots_and_leaves_n
         create("snapshots", "Snapshot", "snap", {"volumeName": "data"})
         wait(lambda: status("snapshots", "snap").get("readyToUse"), 180, "Snapshot ready")
         create("volumes", "Volume", "restored",
-               {"size": "384Mi", "profile": profile, "source": {"kind": "Snapshot", "name": "snap"}})
+               {"size": "448Mi", "profile": profile, "source": {"kind": "Snapshot", "name": "snap"}})
         wait(lambda: status("volumes", "restored").get("phase") == "Available", 180, "restored Available")
         crs.patch_namespaced_custom_object(G, V, ns, "volumes", "restored", {"spec": {"publishedNodes": ["node-a"]}})
         restored_context = wait(lambda: status("volumes", "restored").get("publishContext"), 120, "publishContext")

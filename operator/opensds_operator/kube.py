@@ -121,3 +121,16 @@ def post_event(obj: Obj, reason: str, message: str, warning: bool = False, compo
         client.CoreV1Api(api_client()).create_namespaced_event(namespace, event)
     except ApiException as e:
         log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
+
+
+def secret_data(name: str, namespace: str) -> dict[str, str] | None:
+    """A Secret's decoded data (None when absent); kept in memory only, never logged."""
+    import base64
+
+    try:
+        secret = client.CoreV1Api(api_client()).read_namespaced_secret(name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}

@@ -5,7 +5,8 @@ A dedicated iface (`opensds`) keeps the node's own /etc/iscsi/initiatorname.iscs
 Several portals mean several sessions, hence one SCSI disk per path for the same LUN: those are
 joined by dm-multipath (multipath-tools: the WWID is added to its wwids file and the map made
 with `multipath`; multipathd, when it runs, keeps paths checked and reinstated), and the node
-uses the map, never one of the paths.
+uses the map, never one of the paths. An export with `auth: chap*` needs chapUser/chapPassword (and
+chapMutualUser/chapMutualPassword) from the node-stage secrets; they go into the node record.
 """
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from pathlib import Path
 
 import pyudev
 
-from opensds_operator.exports.base import node_iqn
+from opensds_operator.exports.base import (
+    CHAP_MUTUAL_PASSWORD,
+    CHAP_MUTUAL_USER,
+    CHAP_PASSWORD,
+    CHAP_USER,
+    node_iqn,
+)
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..run import CommandFailed, run
@@ -111,6 +118,25 @@ class IscsiConnector:
         except KeyError as e:
             raise InvalidArgument(f"publish_context of {volume_id} lacks {e.args[0]!r}") from None
 
+    @staticmethod
+    def _chap(volume_id: str, context: Mapping[str, str], secrets: Mapping[str, str]) -> list[tuple[str, str]]:
+        """node.session.auth settings for a CHAP export (empty for an open one)."""
+        mode = context.get("auth", "")
+        if not mode.startswith("chap"):
+            return []
+        mutual = mode == "chap-mutual"
+        wanted = [CHAP_USER, CHAP_PASSWORD] + ([CHAP_MUTUAL_USER, CHAP_MUTUAL_PASSWORD] if mutual else [])
+        missing = [k for k in wanted if not secrets.get(k)]
+        if missing:
+            raise InvalidArgument(f"volume {volume_id} is exported with CHAP: node-stage secrets need "
+                                  f"{', '.join(missing)} (the StorageProfile's nodeStageSecretRef)")
+        settings = [("node.session.auth.authmethod", "CHAP"), ("node.session.auth.username", secrets[CHAP_USER]),
+                    ("node.session.auth.password", secrets[CHAP_PASSWORD])]
+        if mutual:
+            settings += [("node.session.auth.username_in", secrets[CHAP_MUTUAL_USER]),
+                         ("node.session.auth.password_in", secrets[CHAP_MUTUAL_PASSWORD])]
+        return settings
+
     def attach(self, volume_id: str, context: Mapping[str, str], secrets: Mapping[str, str]) -> str:
         iqn, portals, serial = self._fields(volume_id, context)
         disks = find_disks(serial)
@@ -119,10 +145,13 @@ class IscsiConnector:
             return existing
         self._iface()
         errors = []
+        chap = self._chap(volume_id, context, secrets)
         for portal in portals:
             base = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-I", IFACE]
             try:
                 run(*base, "-o", "new")
+                for name, value in chap:
+                    run(*base, "-o", "update", "-n", name, "-v", value, secrets=[v for _, v in chap])
                 run(*base, "--login", ok_codes=(0, 15))  # 15: session exists
             except CommandFailed as e:
                 errors.append(f"{portal}: {e.stderr.strip()}")

@@ -2,7 +2,8 @@
 namespace UUID the dock set (never by device order), waiting for udev up to a deadline.
 
 Several addresses in publish_context mean several paths: each is connected, and the kernel's
-native NVMe multipath presents one device for the namespace.
+native NVMe multipath presents one device for the namespace. An export with `auth: dhchap*`
+needs the DH-HMAC-CHAP secrets from the node-stage secrets (dhchapHostKey[, dhchapCtrlKey]).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pyudev
 
-from opensds_operator.exports.base import node_host_nqn
+from opensds_operator.exports.base import DHCHAP_CTRL_KEY, DHCHAP_HOST_KEY, node_host_nqn
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..run import CommandFailed, run
@@ -50,11 +51,17 @@ class NvmeTcpConnector:
 
     def attach(self, volume_id: str, context: Mapping[str, str], secrets: Mapping[str, str]) -> str:
         nqn, portals, volume_uuid = self._fields(volume_id, context)
+        keys = [secrets.get(DHCHAP_HOST_KEY, ""), secrets.get(DHCHAP_CTRL_KEY, "")]
+        if context.get("auth", "").startswith("dhchap") and not keys[0]:
+            raise InvalidArgument(f"volume {volume_id} is exported with DH-HMAC-CHAP: node-stage secrets need "
+                                  f"{DHCHAP_HOST_KEY} (the StorageProfile's nodeStageSecretRef)")
+        auth = [f"--dhchap-secret={keys[0]}"] if keys[0] else []
+        auth += [f"--dhchap-ctrl-secret={keys[1]}"] if keys[0] and keys[1] else []
         errors = []
         for address, port in portals:
             try:
                 run("nvme", "connect", "-t", "tcp", "-a", address, "-s", port, "-n", nqn,
-                    "-q", self.host_nqn, "-I", self.host_id)
+                    "-q", self.host_nqn, "-I", self.host_id, *auth, secrets=keys)
             except CommandFailed as e:
                 if "already connected" not in e.stderr:
                     errors.append(f"{address}:{port}: {e.stderr.strip()}")

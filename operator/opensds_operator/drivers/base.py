@@ -70,6 +70,7 @@ def local_export(driver: Driver, backend_id: str, pool: str) -> dict[str, str]:
 
 class Driver(Protocol):
     name: str
+    native_protocol: str  # what `export` serves: "local" (node opens the device) or e.g. "rbd"
 
     def pools(self) -> list[PoolStats]: ...
 

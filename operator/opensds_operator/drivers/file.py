@@ -56,6 +56,7 @@ class FileDriver:
     """Parameters: `path` (directory), optional `capacity` (bytes; default: the filesystem size)."""
 
     name = "file"
+    native_protocol = "local"
 
     def __init__(self, path: str, capacity_bytes: int | None = None, pool: str = "default") -> None:
         self.root = Path(path)

@@ -58,6 +58,7 @@ def thin_pool_stats(rows: list[dict[str, Any]], pool: str) -> tuple[int, int, in
 
 class LvmDriver:
     name = "lvm"
+    native_protocol = "local"
 
     def __init__(self, volume_group: str, thin_pool: str) -> None:
         self.vg = volume_group

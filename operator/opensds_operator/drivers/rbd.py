@@ -38,6 +38,7 @@ def _bindings() -> tuple[Any, Any]:
 
 class RbdDriver:
     name = "ceph"
+    native_protocol = "rbd"  # krbd maps images itself: no target
 
     def __init__(self, conf: str, pool: str, user: str, keyring: str | None = None, key: str | None = None,
                  clone_depth: int = 8, connect_timeout: int = 10) -> None:

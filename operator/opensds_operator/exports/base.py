@@ -1,7 +1,8 @@
 """The exporter interface and the names both ends derive (so the node plugin needs no API access)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 NQN_PREFIX = "nqn.2024-11.io.opensds"
@@ -19,8 +20,10 @@ def volume_nqn(backend_id: str) -> str:
 class Exporter(Protocol):
     protocol: str
 
-    def export(self, backend_id: str, device: str, uuid: str, nodes: Sequence[str]) -> dict[str, str]:
-        """Converge the export of `device` to admit exactly `nodes`; returns the publish_context."""
+    def export(self, backend_id: str, device: str, uuid: str, nodes: Sequence[str],
+               auth: ExportAuth | None = None) -> dict[str, str]:
+        """Converge the export of `device` to admit exactly `nodes` (authenticated when `auth` has
+        this protocol's credentials); returns the publish_context."""
         ...
 
     def resize(self, backend_id: str) -> None:
@@ -46,3 +49,28 @@ def node_iqn(node: str) -> str:
 
 def volume_iqn(backend_id: str) -> str:
     return f"{IQN_PREFIX}:{backend_id}"
+
+
+# Keys of the Secret a profile names in nodeStageSecretRef: kubelet hands it to the node
+# (NodeStageVolume secrets) and the dock reads the same Secret to configure the target.
+DHCHAP_HOST_KEY = "dhchapHostKey"  # DH-HMAC-CHAP secret (DHHC-1:..) hosts prove themselves with
+DHCHAP_CTRL_KEY = "dhchapCtrlKey"  # optional: the controller proves itself too (bidirectional)
+CHAP_USER, CHAP_PASSWORD = "chapUser", "chapPassword"
+CHAP_MUTUAL_USER, CHAP_MUTUAL_PASSWORD = "chapMutualUser", "chapMutualPassword"
+
+
+@dataclass(frozen=True)
+class ExportAuth:
+    """Target-side credentials; repr() never shows them (they must not reach logs or events)."""
+
+    dhchap_host_key: str = field(default="", repr=False)
+    dhchap_ctrl_key: str = field(default="", repr=False)
+    chap_user: str = ""
+    chap_password: str = field(default="", repr=False)
+    chap_mutual_user: str = ""
+    chap_mutual_password: str = field(default="", repr=False)
+
+    @classmethod
+    def from_secret(cls, data: Mapping[str, str]) -> ExportAuth:
+        return cls(data.get(DHCHAP_HOST_KEY, ""), data.get(DHCHAP_CTRL_KEY, ""), data.get(CHAP_USER, ""),
+                   data.get(CHAP_PASSWORD, ""), data.get(CHAP_MUTUAL_USER, ""), data.get(CHAP_MUTUAL_PASSWORD, ""))

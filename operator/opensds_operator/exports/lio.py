@@ -5,6 +5,8 @@ target, unexport is one delete, and the IQN names the volume. Its TPG has
 `generate_node_acls=0`, so only explicit NodeACLs log in: exactly one per published node
 (initiator IQN derived from the node id), each mapping LUN 0. The block backstore's unit
 serial is the volume UUID, which is how the node finds the disk (never by device order).
+With CHAP credentials in the profile's Secret the TPG requires authentication and every
+NodeACL carries them (and the mutual pair, when given, for the target to prove itself).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..drivers.base import DriverError, PermanentDriverError
-from .base import IQN_PREFIX, node_iqn, volume_iqn
+from .base import IQN_PREFIX, ExportAuth, node_iqn, volume_iqn
 
 log = logging.getLogger(__name__)
 TARGET_CONFIGFS = Path("/sys/kernel/config/target")
@@ -55,15 +57,17 @@ class LioExporter:
                 return target
         return None
 
-    def export(self, backend_id: str, device: str, uuid: str, nodes: Sequence[str]) -> dict[str, str]:
+    def export(self, backend_id: str, device: str, uuid: str, nodes: Sequence[str],
+               auth: ExportAuth | None = None) -> dict[str, str]:
         rts = self._rts()
+        chap = auth if auth and auth.chap_user and auth.chap_password else None
         so = self._storage_object(rts, backend_id)
         if so is None:
             so = rts.BlockStorageObject(backend_id, dev=device, wwn=uuid)
         target = self._target(rts, volume_iqn(backend_id)) or rts.Target(rts.FabricModule("iscsi"),
                                                                            volume_iqn(backend_id))
         tpg = next(iter(target.tpgs), None) or rts.TPG(target, 1)
-        tpg.set_attribute("authentication", "0")
+        tpg.set_attribute("authentication", "1" if chap else "0")
         tpg.set_attribute("generate_node_acls", "0")
         tpg.set_attribute("demo_mode_write_protect", "1")
         have_portals = {(p.ip_address, p.port) for p in tpg.network_portals}
@@ -80,13 +84,21 @@ class LioExporter:
         for iqn in sorted(wanted - have):
             acl = rts.NodeACL(tpg, iqn)
             rts.MappedLUN(acl, 0, lun)
+        for acl in tpg.node_acls:  # converge credentials too: a changed Secret rotates them
+            acl.chap_userid = chap.chap_user if chap else ""
+            acl.chap_password = chap.chap_password if chap else ""
+            acl.chap_mutual_userid = chap.chap_mutual_user if chap else ""
+            acl.chap_mutual_password = chap.chap_mutual_password if chap else ""
         tpg.enable = True
-        return {
+        context = {
             "transport": self.protocol,
             "iqn": target.wwn,
             "portals": ",".join(f"{ip}:{port}" for ip, port in self.addresses),
             "serial": uuid,
         }
+        if chap:
+            context["auth"] = "chap-mutual" if chap.chap_mutual_user else "chap"
+        return context
 
     def resize(self, backend_id: str) -> None:
         """LIO's block backstore reads the device size per command: nothing to tell it."""

@@ -5,6 +5,11 @@ the volume's UUID as its NGUID/UUID, so the node finds the device by identity, n
 order. `allowed_hosts` holds exactly the host NQNs of the nodes the volume is published to;
 `attr_allow_any_host` is always 0. Ports (one per configured address) are shared and linked
 to each subsystem. Plain file writes and mkdir/symlink: no shelling out per attribute.
+
+DH-HMAC-CHAP: nvmet keeps keys per host entry, and host entries are shared by every subsystem,
+so a node's key is one for all exports of this target: an authenticated export writes the
+Secret's keys into the published hosts' entries (a changed Secret rotates them; established
+connections stay), and the host must then authenticate to every subsystem here.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..drivers.base import DriverError, PermanentDriverError
-from .base import NQN_PREFIX, node_host_nqn, volume_nqn
+from .base import NQN_PREFIX, ExportAuth, node_host_nqn, volume_nqn
 
 log = logging.getLogger(__name__)
 CONFIGFS = Path("/sys/kernel/config/nvmet")
@@ -64,7 +69,8 @@ class NvmetExporter:
 
     # ------------------------------------------------------------ export
 
-    def export(self, backend_id: str, device: str, uuid: str, nodes: Sequence[str]) -> dict[str, str]:
+    def export(self, backend_id: str, device: str, uuid: str, nodes: Sequence[str],
+               auth: ExportAuth | None = None) -> dict[str, str]:
         self._check()
         nqn = volume_nqn(backend_id)
         subsystem = self.root / "subsystems" / nqn
@@ -87,6 +93,8 @@ class NvmetExporter:
         for host_nqn in sorted(wanted):
             host = self.root / "hosts" / host_nqn
             host.mkdir(exist_ok=True)
+            if auth and auth.dhchap_host_key:
+                self._set_keys(host, auth)
             if not (allowed / host_nqn).exists():
                 os.symlink(host, allowed / host_nqn)
         for address in self.addresses:
@@ -94,12 +102,28 @@ class NvmetExporter:
             if not link.exists():
                 os.symlink(subsystem, link)
         self._forget_unused_hosts()
-        return {
+        context = {
             "transport": self.protocol,
             "nqn": nqn,
             "addresses": ",".join(f"{ip}:{port}" for ip, port in self.addresses),
             "uuid": uuid,
         }
+        if auth and auth.dhchap_host_key:
+            context["auth"] = "dhchap-bidirectional" if auth.dhchap_ctrl_key else "dhchap"
+        return context
+
+    @staticmethod
+    def _set_keys(host: Path, auth: ExportAuth) -> None:
+        if not (host / "dhchap_key").exists():
+            raise PermanentDriverError("this kernel's nvmet has no DH-HMAC-CHAP (CONFIG_NVME_TARGET_AUTH); "
+                                       "drop dhchapHostKey from the Secret or use a kernel with it")
+        try:
+            _write(host / "dhchap_key", auth.dhchap_host_key)
+            if auth.dhchap_ctrl_key:
+                _write(host / "dhchap_ctrl_key", auth.dhchap_ctrl_key)
+        except OSError as e:  # never echo the key itself
+            raise PermanentDriverError(f"nvmet refused the DH-HMAC-CHAP key for {host.name} ({e.strerror}): "
+                                       f"keys look like DHHC-1:00:<base64>: (nvme gen-dhchap-key)") from None
 
     def resize(self, backend_id: str) -> None:
         namespace = self.root / "subsystems" / volume_nqn(backend_id) / "namespaces" / NSID

@@ -34,7 +34,7 @@ from ..api import (
 )
 from ..conditions import now, set_condition
 from ..drivers.base import Driver, DriverError, NotFound, PermanentDriverError, Source, SupportsQos
-from ..exports.base import Exporter
+from ..exports.base import ExportAuth, Exporter
 from ..qos import volume_limits
 from ..quantity import format_bytes, parse_bytes
 from .operator import BACKEND_LABEL
@@ -237,18 +237,19 @@ class Dock:
         profile = kube.get(PROFILES, spec["profile"]) or {}
         protocol = (profile.get("spec") or {}).get("accessProtocol", "local")
         try:
-            if protocol == "local":
+            if protocol == self.driver.native_protocol:
                 context = self.driver.export(backend_id, spec["pool"], nodes)
             else:
                 exporter = self.exporters.get(protocol)
                 if exporter is None:
                     raise PermanentDriverError(
                         f"backend {self.backend} does not export {protocol} (offers: "
-                        f"{', '.join(['local', *sorted(self.exporters)])}); configure it in spec.parameters")
+                        f"{', '.join([self.driver.native_protocol, *sorted(self.exporters)])}); "
+                        f"configure it in spec.parameters")
                 info = self.driver.get_volume(backend_id, spec["pool"])
                 if info is None or not info.path:
                     raise NotFound(f"volume {backend_id} not found in pool {spec['pool']}")
-                context = exporter.export(backend_id, info.path, meta["uid"], nodes)
+                context = exporter.export(backend_id, info.path, meta["uid"], nodes, self._export_auth(profile))
         except PermanentDriverError as e:
             self._fail(VOLUMES, body, e, phase=None)
             raise kopf.PermanentError(str(e)) from e
@@ -260,6 +261,18 @@ class Dock:
         kube.patch_status(VOLUMES, meta["name"], {"publishedNodes": nodes, "publishContext": context},
                           meta["namespace"])
         log.info("%s/%s exported to %s", meta["namespace"], meta["name"], ", ".join(nodes) or "nobody")
+
+    @staticmethod
+    def _export_auth(profile: dict[str, Any]) -> ExportAuth | None:
+        """The credentials in the Secret the profile's nodes attach with (its nodeStageSecretRef)."""
+        ref = (profile.get("spec") or {}).get("nodeStageSecretRef")
+        if not ref:
+            return None
+        data = kube.secret_data(ref["name"], ref["namespace"])
+        if data is None:
+            raise PermanentDriverError(f"Secret {ref['namespace']}/{ref['name']} (nodeStageSecretRef of profile "
+                                       f"{profile['metadata']['name']}) does not exist")
+        return ExportAuth.from_secret(data)
 
     def delete_volume(self, body: kopf.Body) -> None:
         meta, spec = body["metadata"], body["spec"]
