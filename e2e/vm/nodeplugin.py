@@ -34,7 +34,7 @@ class Node:
 
     def close(self) -> None:
         self.channel.close()
-        self.server.stop(None)
+        self.server.stop(None).wait()  # the socket file is gone before a successor binds it
 
 
 def stage(node: Node, volume_id: str, context: dict[str, str], cap: csi_pb2.VolumeCapability,

@@ -266,3 +266,21 @@ def test_authenticated_export_admits_only_a_node_holding_the_secret(volume: Expo
     target = stage(node_a, volume.backend_id, context, capability("ext4"), secrets=secret)
     assert (target / "payload").read_bytes() == payload
     unstage(node_a, volume.backend_id)
+
+
+def test_a_restarted_node_plugin_restages_on_the_same_connection(volume: Exported) -> None:
+    """The plugin dies after NodeStage; its successor answers kubelet's repeat without a second connection."""
+    context = volume.publish_to("node-a")
+    first = Node("node-a")
+    target = stage(first, volume.backend_id, context, capability("xfs"))
+    (target / "kept").write_bytes(b"before the restart")
+    device = volume.visible()
+    first.close()
+    second = Node("node-a")
+    try:
+        again = stage(second, volume.backend_id, context, capability("xfs"))
+        assert (again / "kept").read_bytes() == b"before the restart" and volume.visible() == device
+        unstage(second, volume.backend_id)
+        assert volume.visible() is None
+    finally:
+        second.close()

@@ -32,6 +32,8 @@ class LocalConnector:
         existing = _loops_backing(path)
         if existing:
             return existing[0]
+        if not os.path.exists("/dev/loop-control"):  # loop is a module on most distributions
+            run("modprobe", "loop", ok_codes=(0, 1))
         try:
             return run("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip()
         except CommandFailed:  # direct I/O needs an aligned backing filesystem; buffered works everywhere
