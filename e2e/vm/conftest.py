@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from . import kernel
+from .nodeplugin import Node
 
 if os.environ.get("OPENSDS_IN_VM") != "1":
     raise RuntimeError("e2e/vm runs inside the VM: use `make e2e` (hack/vm.sh), not pytest on the host")
@@ -40,3 +41,11 @@ def ceph() -> Iterator[tuple[str, str]]:
     kernel.sh("ip", "link", "set", "lo", "up")
     yield kernel.start_ceph()
     kernel.stop_ceph()
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    """A CSI node plugin for node id `node-a` on its own socket."""
+    node = Node("node-a")
+    yield node
+    node.close()

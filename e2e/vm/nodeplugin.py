@@ -1,6 +1,7 @@
 """A CSI node plugin inside the VM, driven over its socket the way kubelet would."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import grpc
@@ -56,3 +57,21 @@ def unstage(node: Node, volume_id: str) -> None:
         volume_id=volume_id, target_path=str(WORK / f"{volume_id}-target")))
     node.stub.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
         volume_id=volume_id, staging_target_path=str(WORK / f"{volume_id}-staging")))
+
+
+def write_at(device: Path | str, offset: int, data: bytes) -> None:
+    """Write to a block device (or a raw-block publish target) and make it durable."""
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_at(device: Path | str, offset: int, length: int) -> bytes:
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)

@@ -1,12 +1,14 @@
 """The real operator and dock run inside the VM against the host's kube-apiserver (through guestfwd)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,31 @@ class Stack:
         proc = self.procs.pop(which)
         proc.terminate()
         proc.wait(20)
+
+
+@contextlib.contextmanager
+def running_stack(kind: str, backend_spec: Callable[[str], dict[str, Any]],
+                  secrets: dict[str, dict[str, str]] | None = None) -> Iterator[Stack]:
+    """A namespace (with `secrets`), a StorageBackend `<kind>-<tag>` and its operator + dock, torn down after."""
+    from kubernetes import config
+
+    api = config.new_client_from_config(config_file=str(KUBECONFIG))
+    crs, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    tag = uuid.uuid4().hex[:6]
+    backend, ns = f"{kind}-{tag}", f"e2e-{kind}-{tag}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    for name, data in (secrets or {}).items():
+        core.create_namespaced_secret(ns, client.V1Secret(metadata=client.V1ObjectMeta(name=name), string_data=data))
+    crs.create_cluster_custom_object(G, V, "storagebackends", {
+        "apiVersion": f"{G}/{V}", "kind": "StorageBackend", "metadata": {"name": backend}, "spec": backend_spec(ns)})
+    stack = Stack(crs, ns, backend)
+    stack.start("operator")
+    stack.start("dock")
+    try:
+        yield stack
+    finally:
+        crs.delete_cluster_custom_object(G, V, "storagebackends", backend)
+        core.delete_namespace(ns)
+        time.sleep(3)
+        for which in list(stack.procs):
+            stack.stop(which)

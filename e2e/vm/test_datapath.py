@@ -30,7 +30,7 @@ from opensds_operator.exports.lio import LioExporter
 from opensds_operator.exports.nvmet import CONFIGFS, NvmetExporter
 
 from .kernel import sh
-from .nodeplugin import Node, capability, stage, unstage
+from .nodeplugin import Node, capability, read_at, stage, unstage, write_at
 
 MiB = 2**20
 pytestmark = pytest.mark.usefixtures("nvmet", "lio")
@@ -142,15 +142,10 @@ def test_raw_block_bytes_survive_a_fresh_connection(volume: Exported, nodes: tup
     context = volume.publish_to("node-a")
     target = stage(node_a, volume.backend_id, context, capability(None))
     pattern = os.urandom(MiB)
-    fd = os.open(target, os.O_WRONLY)
-    os.pwrite(fd, pattern, 16 * MiB)
-    os.fsync(fd)
-    os.close(fd)
+    write_at(target, 16 * MiB, pattern)
     unstage(node_a, volume.backend_id)
     target = stage(node_a, volume.backend_id, context, capability(None))
-    fd = os.open(target, os.O_RDONLY)
-    assert os.pread(fd, MiB, 16 * MiB) == pattern
-    os.close(fd)
+    assert read_at(target, 16 * MiB, MiB) == pattern
     unstage(node_a, volume.backend_id)
 
 
@@ -216,16 +211,11 @@ def test_two_iscsi_portals_give_one_dm_multipath_device(thin_pool: tuple[str, st
         slaves = sorted(p.name for p in (Path("/sys/block") / Path(device).name / "slaves").iterdir())
         assert slaves == sorted(Path(d).name for d in disks)
         pattern = os.urandom(MiB)
-        fd = os.open(target, os.O_RDWR)
-        os.pwrite(fd, pattern, 8 * MiB)
-        os.fsync(fd)
-        os.close(fd)
+        write_at(target, 8 * MiB, pattern)
         unstage(node_a, backend_id)
         assert find_disks(uid) == [] and not (Path("/sys/block") / Path(device).name).exists()
         target = stage(node_a, backend_id, context, capability(None))
-        fd = os.open(target, os.O_RDONLY)
-        assert os.pread(fd, MiB, 8 * MiB) == pattern
-        os.close(fd)
+        assert read_at(target, 8 * MiB, MiB) == pattern
         unstage(node_a, backend_id)
     finally:
         subprocess.run(["multipath", "-F"], capture_output=True)

@@ -19,7 +19,7 @@ import pytest
 from opensds_csi.proto import csi_pb2
 from opensds_operator.drivers.file import FileDriver
 
-from .nodeplugin import Node, capability, stage, unstage
+from .nodeplugin import Node, capability, read_at, stage, unstage, write_at
 
 MiB = 2**20
 
@@ -45,48 +45,34 @@ def _loops_of(path: str) -> list[str]:
 
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])
 def test_file_volume_on_loop_survives_a_fresh_attach_and_grows_online(
-        file_volume: tuple[FileDriver, str, dict[str, str]], fs: str) -> None:
+        file_volume: tuple[FileDriver, str, dict[str, str]], node: Node, fs: str) -> None:
     driver, backend_id, context = file_volume
-    node = Node("node-a")
-    try:
-        target = stage(node, backend_id, context, capability(fs))
-        payload = os.urandom(4 * MiB)
-        (target / "payload").write_bytes(payload)
-        unstage(node, backend_id)
-        assert _loops_of(context["path"]) == []
-        target = stage(node, backend_id, context, capability(fs))
-        assert hashlib.sha256((target / "payload").read_bytes()).digest() == hashlib.sha256(payload).digest()
-        before = os.statvfs(target)
-        driver.extend_volume(backend_id, "default", 448 * MiB)
-        grown = node.stub.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
-            volume_id=backend_id, volume_path=str(target)))
-        after = os.statvfs(target)
-        assert grown.capacity_bytes == 448 * MiB
-        assert (after.f_blocks - before.f_blocks) * after.f_frsize >= 100 * MiB
-        unstage(node, backend_id)
-    finally:
-        node.close()
+    target = stage(node, backend_id, context, capability(fs))
+    payload = os.urandom(4 * MiB)
+    (target / "payload").write_bytes(payload)
+    unstage(node, backend_id)
+    assert _loops_of(context["path"]) == []
+    target = stage(node, backend_id, context, capability(fs))
+    assert hashlib.sha256((target / "payload").read_bytes()).digest() == hashlib.sha256(payload).digest()
+    before = os.statvfs(target)
+    driver.extend_volume(backend_id, "default", 448 * MiB)
+    grown = node.stub.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(volume_id=backend_id, volume_path=str(target)))
+    after = os.statvfs(target)
+    assert grown.capacity_bytes == 448 * MiB
+    assert (after.f_blocks - before.f_blocks) * after.f_frsize >= 100 * MiB
+    unstage(node, backend_id)
 
 
 def test_file_volume_raw_block_bytes_survive_a_fresh_attach(
-        file_volume: tuple[FileDriver, str, dict[str, str]]) -> None:
+        file_volume: tuple[FileDriver, str, dict[str, str]], node: Node) -> None:
     _, backend_id, context = file_volume
-    node = Node("node-a")
-    try:
-        target = stage(node, backend_id, context, capability(None))
-        pattern = os.urandom(MiB)
-        fd = os.open(target, os.O_WRONLY)
-        os.pwrite(fd, pattern, 16 * MiB)
-        os.fsync(fd)
-        os.close(fd)
-        unstage(node, backend_id)
-        target = stage(node, backend_id, context, capability(None))
-        fd = os.open(target, os.O_RDONLY)
-        assert os.pread(fd, MiB, 16 * MiB) == pattern
-        os.close(fd)
-        unstage(node, backend_id)
-    finally:
-        node.close()
+    target = stage(node, backend_id, context, capability(None))
+    pattern = os.urandom(MiB)
+    write_at(target, 16 * MiB, pattern)
+    unstage(node, backend_id)
+    target = stage(node, backend_id, context, capability(None))
+    assert read_at(target, 16 * MiB, MiB) == pattern
+    unstage(node, backend_id)
 
 
 def test_a_restarted_node_plugin_answers_the_retry_from_its_state(

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client, config
 
 from .kernel import sh
-from .stack import KUBECONFIG, G, MiB, Stack, V, digest, wait
+from .nodeplugin import write_at
+from .stack import KUBECONFIG, G, MiB, Stack, V, digest, running_stack, wait
 
 pytestmark = pytest.mark.skipif(not KUBECONFIG.exists(), reason="needs OPENSDS_VM_APISERVER (make e2e sets it)")
 
@@ -25,28 +24,10 @@ pytestmark = pytest.mark.skipif(not KUBECONFIG.exists(), reason="needs OPENSDS_V
 @pytest.fixture
 def stack(thin_pool: tuple[str, str], nvmet: None) -> Iterator[Stack]:
     vg, pool = thin_pool
-    api = config.new_client_from_config(config_file=str(KUBECONFIG))
-    crs = client.CustomObjectsApi(api)
-    core = client.CoreV1Api(api)
-    tag = uuid.uuid4().hex[:6]
-    backend, ns = f"lvm-{tag}", f"e2e-lvm-{tag}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-    crs.create_cluster_custom_object(G, V, "storagebackends", {
-        "apiVersion": f"{G}/{V}", "kind": "StorageBackend", "metadata": {"name": backend},
-        "spec": {"driver": "lvm", "nodeName": "vm", "parameters": {
-            "volumeGroup": vg, "thinPool": pool, "nvmeofAddresses": "127.0.0.1:4420"}}})
-    stack = Stack(crs, ns, backend)
-    stack.vg = vg
-    stack.start("operator")
-    stack.start("dock")
-    try:
+    with running_stack("lvm", lambda ns: {"driver": "lvm", "nodeName": "vm", "parameters": {
+            "volumeGroup": vg, "thinPool": pool, "nvmeofAddresses": "127.0.0.1:4420"}}) as stack:
+        stack.vg = vg
         yield stack
-    finally:
-        crs.delete_cluster_custom_object(G, V, "storagebackends", backend)
-        core.delete_namespace(ns)
-        time.sleep(3)
-        for which in list(stack.procs):
-            stack.stop(which)
 
 
 def test_lvm_backend_volume_snapshot_restore_expand_delete(stack: Stack) -> None:
@@ -75,10 +56,7 @@ def test_lvm_backend_volume_snapshot_restore_expand_delete(stack: Stack) -> None
         device = f"/dev/{vg}/vol-{vol['metadata']['uid']}"
         capacity = get("volumes", "data")["status"]["capacityBytes"]
         assert int(sh("blockdev", "--getsize64", device)) == 64 * MiB == capacity
-        fd = os.open(device, os.O_WRONLY)
-        os.pwrite(fd, os.urandom(4 * MiB), 2 * MiB)
-        os.fsync(fd)
-        os.close(fd)
+        write_at(device, 2 * MiB, os.urandom(4 * MiB))
         original = digest(device, 64 * MiB)
 
         crs.patch_namespaced_custom_object(G, V, ns, "volumes", "data", {"spec": {"size": "128Mi"}})

@@ -11,6 +11,7 @@ from opensds_operator.drivers.base import NotFound, PermanentDriverError, Source
 from opensds_operator.drivers.lvm import LvmDriver
 
 from .kernel import sh
+from .nodeplugin import write_at
 
 MiB = 2**20
 
@@ -18,15 +19,6 @@ MiB = 2**20
 def digest(device: str, length: int) -> str:
     with open(device, "rb") as f:
         return hashlib.sha256(f.read(length)).hexdigest()
-
-
-def write_pattern(device: str, offset: int, data: bytes) -> None:
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_lvm_volume_lifecycle_on_a_real_thin_pool(thin_pool: tuple[str, str]) -> None:
@@ -40,7 +32,7 @@ def test_lvm_volume_lifecycle_on_a_real_thin_pool(thin_pool: tuple[str, str]) ->
     assert vol.size_bytes == 64 * MiB and Path(vol.path).exists()
     assert driver.create_volume("vol-a", pool, 64 * MiB, thin=True) == vol  # idempotent
     pattern = os.urandom(4 * MiB)
-    write_pattern(vol.path, 8 * MiB, pattern)
+    write_at(vol.path, 8 * MiB, pattern)
     before = digest(vol.path, 64 * MiB)
 
     grown = driver.extend_volume("vol-a", pool, 128 * MiB)
@@ -51,7 +43,7 @@ def test_lvm_volume_lifecycle_on_a_real_thin_pool(thin_pool: tuple[str, str]) ->
 
     snap = driver.create_snapshot("snap-a", pool, "vol-a")
     assert snap.size_bytes == 128 * MiB
-    write_pattern(vol.path, 0, b"x" * 4096)  # the snapshot must not see later writes
+    write_at(vol.path, 0, b"x" * 4096)  # the snapshot must not see later writes
 
     restored = driver.create_volume("vol-b", pool, 128 * MiB, thin=True, source=Source("Snapshot", "snap-a"))
     assert digest(restored.path, 64 * MiB) == before

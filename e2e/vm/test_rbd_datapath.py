@@ -20,7 +20,7 @@ from opensds_csi.connectors.rbd import mapped_device
 from opensds_csi.proto import csi_pb2
 from opensds_operator.drivers.rbd import RbdDriver
 
-from .nodeplugin import Node, capability, stage, unstage
+from .nodeplugin import Node, capability, read_at, stage, unstage, write_at
 
 MiB = 2**20
 POOL = "opensds"
@@ -50,13 +50,6 @@ def image(ceph: tuple[str, str]) -> Iterator[Image]:
     driver.delete_volume(backend_id, POOL)
 
 
-@pytest.fixture
-def node() -> Iterator[Node]:
-    node = Node("node-a")
-    yield node
-    node.close()
-
-
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])
 def test_filesystem_on_krbd_survives_a_fresh_map_and_grows_online(image: Image, node: Node, fs: str) -> None:
     assert image.context["transport"] == "rbd" and image.context["image"] == image.backend_id
@@ -82,15 +75,10 @@ def test_filesystem_on_krbd_survives_a_fresh_map_and_grows_online(image: Image, 
 def test_raw_block_on_krbd_survives_a_fresh_map(image: Image, node: Node) -> None:
     target = stage(node, image.backend_id, image.context, capability(None), secrets=image.secrets)
     pattern = os.urandom(MiB)
-    fd = os.open(target, os.O_WRONLY)
-    os.pwrite(fd, pattern, 16 * MiB)
-    os.fsync(fd)
-    os.close(fd)
+    write_at(target, 16 * MiB, pattern)
     unstage(node, image.backend_id)
     target = stage(node, image.backend_id, image.context, capability(None), secrets=image.secrets)
-    fd = os.open(target, os.O_RDONLY)
-    assert os.pread(fd, MiB, 16 * MiB) == pattern
-    os.close(fd)
+    assert read_at(target, 16 * MiB, MiB) == pattern
     unstage(node, image.backend_id)
 
 

@@ -23,7 +23,7 @@ from opensds_operator.drivers.rbd import RbdDriver
 
 from .kernel import pod_cgroup
 from .nodeplugin import Node, capability, stage, unstage
-from .stack import KUBECONFIG, G, MiB, Stack, V, wait
+from .stack import KUBECONFIG, G, MiB, Stack, V, running_stack, wait
 
 pytestmark = pytest.mark.skipif(not KUBECONFIG.exists(), reason="needs OPENSDS_VM_APISERVER (make e2e sets it)")
 POOL = "opensds"
@@ -32,27 +32,11 @@ POOL = "opensds"
 @pytest.fixture
 def stack(ceph: tuple[str, str]) -> Iterator[Stack]:
     conf, key = ceph
-    api = config.new_client_from_config(config_file=str(KUBECONFIG))
-    crs, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-    tag = uuid.uuid4().hex[:6]
-    backend, ns = f"ceph-{tag}", f"e2e-ceph-{tag}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-    core.create_namespaced_secret(ns, client.V1Secret(metadata=client.V1ObjectMeta(name="cephx"), string_data={
-        "key": key, "userID": "opensds", "userKey": key}))
-    crs.create_cluster_custom_object(G, V, "storagebackends", {
-        "apiVersion": f"{G}/{V}", "kind": "StorageBackend", "metadata": {"name": backend},
-        "spec": {"driver": "ceph", "secretRef": {"name": "cephx", "namespace": ns},
-                 "parameters": {"conf": conf, "pool": POOL, "user": "opensds"}}})
-    stack = Stack(crs, ns, backend)
-    stack.start("operator")
-    stack.start("dock")
-    try:
+    with running_stack("ceph", lambda ns: {
+            "driver": "ceph", "secretRef": {"name": "cephx", "namespace": ns},
+            "parameters": {"conf": conf, "pool": POOL, "user": "opensds"}},
+            secrets={"cephx": {"key": key, "userID": "opensds", "userKey": key}}) as stack:
         yield stack
-    finally:
-        crs.delete_cluster_custom_object(G, V, "storagebackends", backend)
-        core.delete_namespace(ns)
-        for which in list(stack.procs):
-            stack.stop(which)
 
 
 def test_rbd_volume_through_the_dock_maps_with_krbd_grows_snapshots_and_leaves_nothing(
