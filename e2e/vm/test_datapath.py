@@ -21,7 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from opensds_csi.connectors.iscsi import find_disk, find_disks, multipath_map
+from opensds_csi.connectors.iscsi import find_disk, find_disks
+from opensds_csi.connectors.multipath import map_over
 from opensds_csi.connectors.nvme_tcp import find_namespace
 from opensds_csi.proto import csi_pb2
 from opensds_operator.drivers.lvm import LvmDriver
@@ -206,7 +207,7 @@ def test_two_iscsi_portals_give_one_dm_multipath_device(thin_pool: tuple[str, st
         target = stage(node_a, backend_id, context, capability(None))
         disks = find_disks(uid)
         assert len(disks) == 2, disks
-        device = multipath_map(disks)
+        device = map_over(disks)
         assert device is not None
         slaves = sorted(p.name for p in (Path("/sys/block") / Path(device).name / "slaves").iterdir())
         assert slaves == sorted(Path(d).name for d in disks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 ATTACH_TIMEOUT = 20.0
@@ -36,3 +37,8 @@ def wait_for_device(find: Callable[[], str | None], any_path_up: bool, timeout: 
         if device or time.monotonic() >= deadline:
             return device
         time.sleep(0.2)
+
+
+def sys_block(device: str) -> Path:
+    """/sys/block/<name> of a device node (symlinks such as /dev/mapper/x resolved)."""
+    return Path("/sys/block") / Path(device).resolve().name

@@ -3,14 +3,12 @@ is found by the unit serial the dock set (the volume UUID), waiting for udev up 
 
 A dedicated iface (`opensds`) keeps the node's own /etc/iscsi/initiatorname.iscsi untouched.
 Several portals mean several sessions, hence one SCSI disk per path for the same LUN: those are
-joined by dm-multipath (multipath-tools: the WWID is added to its wwids file and the map made
-with `multipath`; multipathd, when it runs, keeps paths checked and reinstated), and the node
-uses the map, never one of the paths. An export with `auth: chap*` needs chapUser/chapPassword (and
-chapMutualUser/chapMutualPassword) from the node-stage secrets; they go into the node record.
+joined by dm-multipath (`multipath.py`), and the node uses the map, never one of the paths.
+An export with `auth: chap*` needs chapUser/chapPassword (and chapMutualUser/chapMutualPassword)
+from the node-stage secrets; they go into the node record.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +24,8 @@ from opensds_operator.exports.base import (
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..run import CommandFailed, run
-from .base import wait_for_device
+from . import multipath
+from .base import sys_block, wait_for_device
 
 IFACE = "opensds"
 
@@ -49,58 +48,10 @@ def find_disk(serial: str) -> str | None:
     return disks[0] if disks else None
 
 
-def multipath_map(disks: list[str]) -> str | None:
-    """The dm-multipath device holding these path disks, if one does."""
-    for disk in disks:
-        for holder in sorted((Path("/sys/block") / Path(disk).name / "holders").glob("dm-*")):
-            if (holder / "dm" / "uuid").read_text().startswith("mpath-"):
-                return f"/dev/{holder.name}"
-    return None
-
-
 def find_multipath(serial: str, paths: int) -> str | None:
     """Once every path's disk is there, the multipath map over them (made if missing)."""
     disks = find_disks(serial)
-    if len(disks) < paths:
-        return None
-    existing = multipath_map(disks)
-    if existing is None:
-        run("multipath", "-a", disks[0], ok_codes=(0, 1))  # whitelist the WWID (find_multipaths)
-        run("multipath", disks[0], ok_codes=(0, 1))
-    elif _slaves(existing) < {Path(d).name for d in disks}:
-        run("multipath", "-r", existing, ok_codes=(0, 1))  # a path udev had not finished with: add it
-    existing = multipath_map(disks)
-    # Only a map over every path counts: one made before udev finished with a disk lacks it.
-    return existing if existing and _slaves(existing) >= {Path(d).name for d in disks} else None
-
-
-def _is_multipath(device: str | None) -> bool:
-    uuid = Path("/sys/block") / Path(device or "-").name / "dm" / "uuid"
-    return uuid.exists() and uuid.read_text().startswith("mpath-")
-
-
-def _remove_map(device: str, attempts: int = 20) -> None:
-    """Flush and remove a multipath map, retrying while udev or blkid still hold it briefly.
-
-    A map left behind after logout would have no paths and queue I/O forever, so failing here
-    (NodeUnstage is retried) beats logging out under it.
-    """
-    block = Path("/sys/block") / Path(device).name
-    try:
-        name = (block / "dm" / "name").read_text().strip()  # the map's name (its WWID)
-    except FileNotFoundError:
-        return
-    run("dmsetup", "message", name, "0", "fail_if_no_path", ok_codes=(0, 1))
-    for _ in range(attempts):
-        run("multipath", "-f", name, ok_codes=(0, 1))
-        if not block.exists():
-            return
-        time.sleep(0.25)
-    raise FailedPrecondition(f"multipath map {device} is still in use; not logging out its paths")
-
-
-def _slaves(device: str) -> set[str]:
-    return {p.name for p in (Path("/sys/block") / Path(device).name / "slaves").iterdir()}
+    return multipath.assemble(disks) if len(disks) >= paths else None
 
 
 class IscsiConnector:
@@ -140,7 +91,7 @@ class IscsiConnector:
     def attach(self, volume_id: str, context: Mapping[str, str], secrets: Mapping[str, str]) -> str:
         iqn, portals, serial = self._fields(volume_id, context)
         disks = find_disks(serial)
-        existing = multipath_map(disks) if len(portals) > 1 else (disks[0] if disks else None)
+        existing = multipath.map_over(disks) if len(portals) > 1 else (disks[0] if disks else None)
         if existing:
             return existing
         self._iface()
@@ -179,19 +130,19 @@ class IscsiConnector:
         if device and Path(device).exists():
             run("blockdev", "--flushbufs", device, ok_codes=(0, 1))
         serial = context.get("serial", "")
-        maps = {multipath_map(find_disks(serial)) if serial else None, device if _is_multipath(device) else None}
+        maps = {multipath.map_over(find_disks(serial)) if serial else None,
+                device if multipath.is_map(device) else None}
         for mpath in sorted(m for m in maps if m):
-            _remove_map(mpath)  # before its paths go away under it
+            multipath.remove(mpath)  # before its paths go away under it
         run("iscsiadm", "-m", "node", "-T", iqn, "-I", IFACE, "--logout", ok_codes=(0, 21))  # 21: no session
         run("iscsiadm", "-m", "node", "-T", iqn, "-I", IFACE, "-o", "delete", ok_codes=(0, 21))
 
     def refresh(self, device: str) -> None:
         """Rescan every path disk; a multipath map is then reloaded at the paths' new size."""
-        block = Path("/sys/block") / Path(device).resolve().name
-        paths = sorted((block / "slaves").glob("*")) or [block]
-        for path in paths:
+        block = sys_block(device)
+        for path in sorted((block / "slaves").glob("*")) or [block]:
             rescan = path / "device" / "rescan"
             if rescan.exists():
                 rescan.write_text("1")
-        if (block / "dm").exists():
-            run("multipath", "-r", str(device), ok_codes=(0, 1))
+        if multipath.is_map(device):
+            multipath.reload(device)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..run import CommandFailed, run
+from .base import sys_block
 
 KEY_DIR = "/run/opensds"  # tmpfs: a key file never reaches a disk
 
@@ -76,6 +77,6 @@ class RbdConnector:
             run("rbd", "device", "unmap", current, ok_codes=(0, 22))  # 22: not mapped (any more)
 
     def refresh(self, device: str) -> None:
-        refresh = Path("/sys/block") / Path(device).resolve().name / "device" / "refresh"
+        refresh = sys_block(device) / "device" / "refresh"
         if refresh.exists():
             refresh.write_text("1")
