@@ -33,8 +33,7 @@ def profiles(cluster: Cluster) -> Iterator[Profiles]:
 
     yield make
     for name in made:
-        if crs.exists("storageprofiles", name):
-            crs.delete("storageprofiles", name)
+        crs.delete_if_present("storageprofiles", name)
 
 
 def _phase(crs: CRs, name: str) -> str | None:
