@@ -14,13 +14,8 @@ from pathlib import Path
 
 import pyudev
 
-from opensds_operator.exports.base import (
-    CHAP_MUTUAL_PASSWORD,
-    CHAP_MUTUAL_USER,
-    CHAP_PASSWORD,
-    CHAP_USER,
-    node_iqn,
-)
+from opensds_operator.api import CHAP_MUTUAL_PASSWORD, CHAP_MUTUAL_USER, CHAP_PASSWORD, CHAP_USER
+from opensds_operator.exports.base import node_iqn
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..run import CommandFailed, run

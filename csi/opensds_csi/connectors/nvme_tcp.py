@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pyudev
 
-from opensds_operator.exports.base import DHCHAP_CTRL_KEY, DHCHAP_HOST_KEY, node_host_nqn
+from opensds_operator.api import DHCHAP_CTRL_KEY, DHCHAP_HOST_KEY
+from opensds_operator.exports.base import node_host_nqn
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..run import CommandFailed, run

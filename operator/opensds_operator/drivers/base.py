@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ..api import CTX_PATH as PATH_KEY
+from ..api import CTX_TRANSPORT as TRANSPORT_KEY
 from ..scheduler import Capabilities
 
 
@@ -50,14 +52,50 @@ class SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """Who a backend object belongs to, written onto the object itself when it is made.
+
+    The orphan sweep only ever touches objects tagged with this cluster's and this backend's
+    identity (two clusters sharing a pool never collect each other's), and a Retain deletion
+    marks the object itself (`retained`), so the record survives the StorageBackend CR.
+    `cluster` is the UID of the cluster's kube-system namespace.
+    """
+
+    cluster: str
+    backend: str
+    kind: str  # "Volume" or "Snapshot"
+    namespace: str
+    name: str
+    uid: str
+    retained: bool = False
+
+    def to_dict(self) -> dict[str, str]:
+        return {"cluster": self.cluster, "backend": self.backend, "kind": self.kind, "namespace": self.namespace,
+                "name": self.name, "uid": self.uid, "retained": "true" if self.retained else "false"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> Owner | None:
+        """None when the mapping is not a complete owner tag (an untagged or foreign object)."""
+        try:
+            return cls(data["cluster"], data["backend"], data["kind"], data["namespace"], data["name"],
+                       data["uid"], data.get("retained") == "true")
+        except KeyError:
+            return None
+
+
+@dataclass(frozen=True)
+class BackendObject:
+    """One volume or snapshot found on the backend, with its owner tag (None: untagged)."""
+
+    backend_id: str  # vol-<uid> / snap-<uid>
+    owner: Owner | None
+    quarantined_at: float | None = None  # epoch seconds when the sweep quarantined it; None: live
+
+
+@dataclass(frozen=True)
 class Source:
     kind: str  # "Snapshot" or "Volume"
     backend_id: str
-
-
-# publish_context keys the CSI node reads (the connector is chosen by "transport").
-TRANSPORT_KEY = "transport"
-PATH_KEY = "path"
 
 
 def local_export(driver: Driver, backend_id: str, pool: str) -> dict[str, str]:
@@ -75,8 +113,12 @@ class Driver(Protocol):
     def pools(self) -> list[PoolStats]: ...
 
     def create_volume(
-        self, backend_id: str, pool: str, size_bytes: int, thin: bool, source: Source | None = None
-    ) -> VolumeInfo: ...
+        self, backend_id: str, pool: str, size_bytes: int, thin: bool, source: Source | None = None,
+        owner: Owner | None = None,
+    ) -> VolumeInfo:
+        """Make the volume tagged with `owner` (atomically where the backend allows: the tag is
+        on the object before it carries its final name). The dock always passes an owner."""
+        ...
 
     def delete_volume(self, backend_id: str, pool: str) -> None: ...
 
@@ -84,7 +126,8 @@ class Driver(Protocol):
 
     def get_volume(self, backend_id: str, pool: str) -> VolumeInfo | None: ...
 
-    def create_snapshot(self, backend_id: str, pool: str, volume_id: str) -> SnapshotInfo: ...
+    def create_snapshot(self, backend_id: str, pool: str, volume_id: str,
+                        owner: Owner | None = None) -> SnapshotInfo: ...
 
     def delete_snapshot(self, backend_id: str, pool: str) -> None: ...
 
@@ -97,7 +140,23 @@ class Driver(Protocol):
         ...
 
     def list_objects(self, pool: str) -> list[str]:
-        """Backend ids of every volume and snapshot in the pool (for leak checks and GC)."""
+        """Backend ids of every live (not quarantined) volume and snapshot in the pool (leak checks)."""
+        ...
+
+    def scan(self, pool: str) -> list[BackendObject]:
+        """Every vol-/snap- object in the pool, live or quarantined, with its owner tag (for the sweep)."""
+        ...
+
+    def set_owner(self, backend_id: str, pool: str, owner: Owner) -> None:
+        """Rewrite the object's owner tag (a Retain deletion records `retained=True` here)."""
+        ...
+
+    def quarantine(self, backend_id: str, pool: str) -> None:
+        """Move an object the sweep found unowned out of the way, recoverable, noting when (idempotent)."""
+        ...
+
+    def purge(self, backend_id: str, pool: str) -> None:
+        """Delete a quarantined object for good (idempotent)."""
         ...
 
 

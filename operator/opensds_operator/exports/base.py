@@ -5,6 +5,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..api import (
+    CHAP_MUTUAL_PASSWORD,
+    CHAP_MUTUAL_USER,
+    CHAP_PASSWORD,
+    CHAP_USER,
+    DHCHAP_CTRL_KEY,
+    DHCHAP_HOST_KEY,
+)
+
 NQN_PREFIX = "nqn.2024-11.io.opensds"
 
 
@@ -49,14 +58,6 @@ def node_iqn(node: str) -> str:
 
 def volume_iqn(backend_id: str) -> str:
     return f"{IQN_PREFIX}:{backend_id}"
-
-
-# Keys of the Secret a profile names in nodeStageSecretRef: kubelet hands it to the node
-# (NodeStageVolume secrets) and the dock reads the same Secret to configure the target.
-DHCHAP_HOST_KEY = "dhchapHostKey"  # DH-HMAC-CHAP secret (DHHC-1:..) hosts prove themselves with
-DHCHAP_CTRL_KEY = "dhchapCtrlKey"  # optional: the controller proves itself too (bidirectional)
-CHAP_USER, CHAP_PASSWORD = "chapUser", "chapPassword"
-CHAP_MUTUAL_USER, CHAP_MUTUAL_PASSWORD = "chapMutualUser", "chapMutualPassword"
 
 
 @dataclass(frozen=True)

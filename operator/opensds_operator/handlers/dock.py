@@ -17,6 +17,7 @@ import kopf
 from .. import kube
 from ..api import (
     AVAILABLE,
+    BACKEND_LABEL,
     BACKENDS,
     CREATING,
     DELETING,
@@ -24,6 +25,7 @@ from ..api import (
     ERROR,
     EXPANDING,
     GROUP,
+    POOL_LABEL,
     PROFILES,
     READY,
     SNAPSHOTS,
@@ -37,7 +39,6 @@ from ..drivers.base import Driver, DriverError, NotFound, PermanentDriverError, 
 from ..exports.base import ExportAuth, Exporter
 from ..qos import volume_limits
 from ..quantity import format_bytes, parse_bytes
-from .operator import BACKEND_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ class Dock:
     def reconcile_snapshot(self, body: kopf.Body) -> None:
         meta, spec = body["metadata"], body["spec"]
         namespace = meta["namespace"]
-        pool = meta["labels"]["opensds.io/pool"]
+        pool = meta["labels"][POOL_LABEL]
         volume = kube.get(VOLUMES, spec["volumeName"], namespace)
         if volume is None:
             raise kopf.TemporaryError(f"Volume {spec['volumeName']} is gone", delay=10)
@@ -341,7 +342,7 @@ class Dock:
     def delete_snapshot(self, body: kopf.Body) -> None:
         meta = body["metadata"]
         try:
-            self.driver.delete_snapshot(snapshot_backend_id(meta["uid"]), meta["labels"]["opensds.io/pool"])
+            self.driver.delete_snapshot(snapshot_backend_id(meta["uid"]), meta["labels"][POOL_LABEL])
         except (DriverError, OSError) as e:
             raise kopf.TemporaryError(str(e), delay=10) from e
         self.capacity_changed()

@@ -19,10 +19,12 @@ from kubernetes.client.exceptions import ApiException
 
 from .. import kube
 from ..api import (
+    BACKEND_LABEL,
     BACKENDS,
     GROUP,
     IN_USE,
     PENDING,
+    POOL_LABEL,
     PROFILES,
     READY,
     SCHEDULED,
@@ -37,8 +39,6 @@ from ..storageclass import needs_recreate, snapshot_class, storage_class
 
 log = logging.getLogger(__name__)
 registry = kopf.OperatorRegistry()
-BACKEND_LABEL = "opensds.io/backend"
-POOL_LABEL = "opensds.io/pool"
 
 # Placements made by this process and not yet seen in the index (uid -> (pool, bytes)).
 _placement_lock = threading.Lock()
