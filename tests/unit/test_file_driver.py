@@ -1,15 +1,19 @@
 """The file driver on real files: sizes, sparseness, snapshots, clones, idempotency, crash leftovers."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
+import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from opensds_operator.drivers import make_driver
-from opensds_operator.drivers.base import NotFound, PermanentDriverError, Source
-from opensds_operator.drivers.file import TMP_SUFFIX, FileDriver
+from opensds_operator.drivers.base import BackendObject, NotFound, Owner, PermanentDriverError, Source
+from opensds_operator.drivers.file import OWNER_XATTR, PARTIAL_STALE_SECONDS, TMP_SUFFIX, FileDriver
 from opensds_operator.quantity import MiB
 
 
@@ -76,8 +80,19 @@ def test_partial_files_from_a_crash_are_removed_at_start(tmp_path: Path) -> None
     FileDriver(str(tmp_path))
     leftover = tmp_path / "volumes" / f"vol-x.img{TMP_SUFFIX}"
     leftover.write_bytes(b"half")
+    stale = time.time() - PARTIAL_STALE_SECONDS - 1
+    os.utime(leftover, (stale, stale))
     d = FileDriver(str(tmp_path))
     assert not leftover.exists() and d.list_objects("default") == []
+
+
+def test_a_partial_another_dock_is_still_writing_survives_a_start(tmp_path: Path) -> None:
+    """Old code deleted every partial at start: a second dock (rolling update) lost its clone in progress."""
+    FileDriver(str(tmp_path))
+    in_progress = tmp_path / "volumes" / f"vol-x.img{TMP_SUFFIX}"
+    in_progress.write_bytes(b"being written")
+    FileDriver(str(tmp_path))
+    assert in_progress.read_bytes() == b"being written"
 
 
 def test_pool_reports_capacity_and_provisioned_bytes(driver: FileDriver) -> None:
@@ -96,3 +111,169 @@ def test_make_driver_explains_bad_parameters(tmp_path: Path) -> None:
         make_driver({"driver": "ceph"})
     d = make_driver({"driver": "file", "parameters": {"path": str(tmp_path), "capacity": "1Gi"}})
     assert d.pools()[0].total_bytes == 2**30
+
+
+def owner(uid: str, kind: str = "Volume", cluster: str = "c-1") -> Owner:
+    return Owner(cluster, "file-a", kind, "ns", f"name-{uid}", uid)
+
+
+def test_owner_tag_is_on_the_file_before_it_gets_its_final_name(
+        driver: FileDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, bytes] = {}
+    replace = os.replace
+
+    def spy(src: str | Path, dst: str | Path) -> None:
+        if str(src).endswith(f".img{TMP_SUFFIX}"):
+            seen[Path(dst).name] = os.getxattr(src, OWNER_XATTR)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    driver.create_volume("vol-1", "default", 4 * MiB, thin=True, owner=owner("1"))
+    driver.create_snapshot("snap-1", "default", "vol-1", owner=owner("2", "Snapshot"))
+    driver.create_volume("vol-2", "default", 4 * MiB, thin=True, source=Source("Snapshot", "snap-1"), owner=owner("3"))
+    assert {k: json.loads(v)["uid"] for k, v in seen.items()} == {"vol-1.img": "1", "snap-1.img": "2", "vol-2.img": "3"}
+
+
+def test_scan_reports_owners_and_untagged_foreign_files_as_owner_none(driver: FileDriver) -> None:
+    driver.create_volume("vol-1", "default", MiB, thin=True, owner=owner("1"))
+    driver.create_snapshot("snap-1", "default", "vol-1", owner=owner("s1", "Snapshot"))
+    foreign = driver.volumes / "vol-foreign.img"  # another tool's (or an older release's) file
+    foreign.write_bytes(b"data")
+    (driver.volumes / "notes.txt").write_text("not an object")
+    assert driver.scan("default") == [
+        BackendObject("snap-1", owner("s1", "Snapshot")),
+        BackendObject("vol-1", owner("1")),
+        BackendObject("vol-foreign", None),
+    ]
+    # a retry of the create adopts an untagged object; a tagged one keeps its owner
+    driver.create_volume("vol-foreign", "default", 4, thin=True, owner=owner("f"))
+    driver.create_volume("vol-1", "default", MiB, thin=True, owner=owner("other"))
+    owners = {o.backend_id: o.owner for o in driver.scan("default")}
+    assert owners["vol-foreign"] == owner("f") and owners["vol-1"] == owner("1")
+
+
+def test_retain_is_recorded_on_the_object_itself(driver: FileDriver) -> None:
+    driver.create_volume("vol-1", "default", MiB, thin=True, owner=owner("1"))
+    retained = Owner("c-1", "file-a", "Volume", "ns", "name-1", "1", retained=True)
+    driver.set_owner("vol-1", "default", retained)
+    # a new driver (a restarted dock, a lost StorageBackend) reads it back from the file
+    [found] = FileDriver(str(driver.root), capacity_bytes=1024 * MiB).scan("default")
+    assert found.owner == retained and found.owner.retained
+    with pytest.raises(NotFound):
+        driver.set_owner("vol-missing", "default", retained)
+
+
+def test_quarantine_hides_the_object_and_purge_deletes_it(driver: FileDriver) -> None:
+    """Old code had no quarantine: the sweep's only tool was delete."""
+    info = driver.create_volume("vol-1", "default", 4 * MiB, thin=True, owner=owner("1"))
+    Path(info.path).write_bytes(b"precious")
+    driver.create_snapshot("snap-1", "default", "vol-1", owner=owner("s", "Snapshot"))
+    before = time.time()
+    driver.quarantine("vol-1", "default")
+    driver.quarantine("vol-1", "default")  # idempotent: the dock retries after crashes
+    driver.quarantine("snap-1", "default")
+    assert driver.list_objects("default") == []
+    assert driver.get_volume("vol-1", "default") is None
+    with pytest.raises(NotFound):
+        driver.create_volume("vol-2", "default", MiB, thin=True, source=Source("Snapshot", "snap-1"))
+    with pytest.raises(PermanentDriverError, match="in quarantine"):  # never re-made empty beside it
+        driver.create_volume("vol-1", "default", 4 * MiB, thin=True)
+    found = {o.backend_id: o for o in driver.scan("default")}
+    assert found["vol-1"].owner == owner("1") and found["snap-1"].owner == owner("s", "Snapshot")
+    stamp = found["vol-1"].quarantined_at
+    assert stamp is not None and before - 1 <= stamp <= time.time() + 1
+    driver.quarantine("vol-1", "default")  # a retry keeps the first time
+    assert {o.backend_id: o for o in driver.scan("default")}["vol-1"].quarantined_at == stamp
+    # recoverable: the data is still there, under quarantine/
+    assert (driver.root / "quarantine" / "volumes" / "vol-1.img").read_bytes() == b"precious"
+    assert driver.pools()[0].provisioned_bytes == 0
+    driver.purge("vol-1", "default")
+    driver.purge("vol-1", "default")
+    driver.purge("snap-1", "default")
+    assert driver.scan("default") == []
+    assert not any((driver.root / "quarantine").rglob("*.*"))
+
+
+def test_purge_never_touches_a_live_object(driver: FileDriver) -> None:
+    driver.create_volume("vol-1", "default", MiB, thin=True, owner=owner("1"))
+    driver.purge("vol-1", "default")
+    assert driver.get_volume("vol-1", "default") is not None
+
+
+def test_images_are_0600_in_0700_directories(tmp_path: Path) -> None:
+    """Old code: images 0644 in 0755 directories, readable by every local user."""
+    old_umask = os.umask(0o022)
+    try:
+        d = FileDriver(str(tmp_path / "backend"))
+        vol = d.create_volume("vol-1", "default", MiB, thin=True)
+        d.create_snapshot("snap-1", "default", "vol-1")
+        clone = d.create_volume("vol-2", "default", MiB, thin=True, source=Source("Snapshot", "snap-1"))
+    finally:
+        os.umask(old_umask)
+    for image in (vol.path, clone.path, d.snapshots / "snap-1.img"):
+        assert stat.S_IMODE(os.stat(image).st_mode) == 0o600, image
+    for directory in (d.root, d.volumes, d.snapshots):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+    d.quarantine("snap-1", "default")
+    assert stat.S_IMODE(os.stat(d.root / "quarantine" / "snapshots" / "snap-1.img").st_mode) == 0o600
+    for directory in (d.root / "quarantine", d.root / "quarantine" / "volumes"):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+
+
+def test_a_directory_from_an_older_release_is_tightened_at_start(tmp_path: Path) -> None:
+    (tmp_path / "volumes").mkdir(mode=0o755)
+    old = tmp_path / "volumes" / "vol-old.img"
+    old.write_bytes(b"x")
+    os.chmod(old, 0o644)
+    FileDriver(str(tmp_path))
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "volumes").stat().st_mode) == 0o700
+
+
+def no_user_xattrs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem without user xattrs (older tmpfs, some network filesystems)."""
+    def refuse(*_args: object) -> bytes:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", refuse)
+    monkeypatch.setattr(os, "getxattr", refuse)
+
+
+def test_without_user_xattrs_the_owner_is_a_sidecar_written_before_the_rename(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_user_xattrs(monkeypatch)
+    d = FileDriver(str(tmp_path))
+    replace = os.replace
+    order: list[str] = []
+
+    def spy(src: str | Path, dst: str | Path) -> None:
+        order.append(Path(dst).name)
+        if Path(dst).name == "vol-1.img":
+            assert (d.volumes / "vol-1.owner.json").exists()
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    d.create_volume("vol-1", "default", MiB, thin=True, owner=owner("1"))
+    assert order == ["vol-1.owner.json", "vol-1.img"]
+    assert d.scan("default") == [BackendObject("vol-1", owner("1"))]
+    retained = Owner("c-1", "file-a", "Volume", "ns", "name-1", "1", retained=True)
+    d.set_owner("vol-1", "default", retained)
+    d.quarantine("vol-1", "default")
+    [found] = d.scan("default")
+    assert found.owner == retained and found.quarantined_at is not None
+    assert d.list_objects("default") == [] and not (d.volumes / "vol-1.owner.json").exists()
+    d.purge("vol-1", "default")
+    assert not any(d.root.rglob("*.json")) and d.scan("default") == []
+
+
+def test_a_quarantine_interrupted_between_its_renames_keeps_the_owner_and_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_user_xattrs(monkeypatch)
+    d = FileDriver(str(tmp_path))
+    d.create_volume("vol-1", "default", MiB, thin=True, owner=owner("1"))
+    (d.root / "quarantine" / "volumes" / "vol-1.quarantined").write_text("1000.0\n")
+    os.rename(d.volumes / "vol-1.img", d.root / "quarantine" / "volumes" / "vol-1.img")  # crash here
+    assert d.scan("default") == [BackendObject("vol-1", owner("1"), 1000.0)]
+    d.quarantine("vol-1", "default")
+    assert d.scan("default") == [BackendObject("vol-1", owner("1"), 1000.0)]
+    assert not (d.volumes / "vol-1.owner.json").exists()
