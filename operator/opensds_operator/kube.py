@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from kubernetes import client, config
@@ -95,32 +97,69 @@ def patch_status(plural: str, name: str, status: Obj, namespace: str | None = No
     return obj
 
 
+# Recent Events by (namespace, object uid, type, reason, message) -> (event name, count): a
+# repeat bumps the existing Event's count instead of adding one more Warning every retry
+# (what client-go's EventCorrelator does for controllers written in Go).
+_EVENT_CACHE_SIZE = 4096
+_recent_events: OrderedDict[tuple[str, str, str, str, str], tuple[str, int]] = OrderedDict()
+_events_lock = threading.Lock()
+
+
+def _terminating(e: ApiException) -> bool:
+    """An Event into a namespace being deleted is refused with 403; that one is expected."""
+    return e.status == 403 and "being terminated" in str(e.body or "")
+
+
 def post_event(obj: Obj, reason: str, message: str, warning: bool = False, component: str = "opensds") -> None:
-    """Record an Event on `obj` (best effort: a failed Event must not fail a reconcile)."""
+    """Record an Event on `obj`, de-duplicated; best effort (a failed Event must not fail a reconcile)."""
     meta = obj["metadata"]
     namespace = meta.get("namespace") or "default"
-    event = client.CoreV1Event(
-        metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}."),
-        involved_object=client.V1ObjectReference(
-            api_version=obj.get("apiVersion", f"{GROUP}/{VERSION}"),
-            kind=obj.get("kind"),
-            name=meta["name"],
-            namespace=meta.get("namespace"),
-            uid=meta.get("uid"),
-        ),
-        reason=reason,
-        message=message[:1024],
-        type="Warning" if warning else "Normal",
-        first_timestamp=now(),
-        last_timestamp=now(),
-        count=1,
-        source=client.V1EventSource(component=component),
-        reporting_component=component,
-    )
+    type_ = "Warning" if warning else "Normal"
+    message = message[:1024]
+    key = (namespace, str(meta.get("uid") or meta["name"]), type_, reason, message)
+    core = client.CoreV1Api(api_client())
+    with _events_lock:
+        seen = _recent_events.get(key)
     try:
-        client.CoreV1Api(api_client()).create_namespaced_event(namespace, event)
+        if seen is not None:
+            name, count = seen
+            try:
+                core.patch_namespaced_event(name, namespace, {"count": count + 1, "lastTimestamp": now()})
+                with _events_lock:
+                    _recent_events[key] = (name, count + 1)
+                    _recent_events.move_to_end(key)
+                return
+            except ApiException as e:
+                if e.status != 404:  # expired or deleted: post a fresh one
+                    raise
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}."),
+            involved_object=client.V1ObjectReference(
+                api_version=obj.get("apiVersion", f"{GROUP}/{VERSION}"),
+                kind=obj.get("kind"),
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                uid=meta.get("uid"),
+            ),
+            reason=reason,
+            message=message,
+            type=type_,
+            first_timestamp=now(),
+            last_timestamp=now(),
+            count=1,
+            source=client.V1EventSource(component=component),
+            reporting_component=component,
+        )
+        created = core.create_namespaced_event(namespace, event)
+        with _events_lock:
+            _recent_events[key] = (created.metadata.name, 1)
+            while len(_recent_events) > _EVENT_CACHE_SIZE:
+                _recent_events.popitem(last=False)
     except ApiException as e:
-        log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
+        if _terminating(e):
+            log.debug("no event %s on %s: namespace %s is being deleted", reason, meta["name"], namespace)
+        else:
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
 
 
 def secret_data(name: str, namespace: str) -> dict[str, str] | None:
@@ -134,3 +173,37 @@ def secret_data(name: str, namespace: str) -> dict[str, str] | None:
             return None
         raise
     return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+@functools.cache
+def cluster_id() -> str:
+    """This cluster's identity: the UID of its kube-system namespace (stable for the cluster's life).
+
+    Backend objects are tagged with it, so two clusters sharing a pool never collect each
+    other's volumes."""
+    ns = client.CoreV1Api(api_client()).read_namespace("kube-system")
+    return str(ns.metadata.uid)
+
+
+class KubeApi:
+    """The API calls the dock makes, as an object it is handed: tests inject a fake one to drive
+    error paths fast, production uses this thin pass-through to the module functions."""
+
+    def get(self, plural: str, name: str, namespace: str | None = None) -> Obj | None:
+        return get(plural, name, namespace)
+
+    def list_all(self, plural: str, namespace: str | None = None) -> list[Obj]:
+        return list_all(plural, namespace)
+
+    def patch_status(self, plural: str, name: str, status: Obj, namespace: str | None = None) -> Obj | None:
+        return patch_status(plural, name, status, namespace)
+
+    def post_event(self, obj: Obj, reason: str, message: str, warning: bool = False,
+                   component: str = "opensds") -> None:
+        post_event(obj, reason, message, warning, component)
+
+    def secret_data(self, name: str, namespace: str) -> dict[str, str] | None:
+        return secret_data(name, namespace)
+
+    def cluster_id(self) -> str:
+        return cluster_id()

@@ -4,15 +4,21 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
+import os
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import kopf
 
 from . import kube
-from .api import BACKENDS, DOCK_FINALIZER, OPERATOR_FINALIZER
+from .api import BACKENDS, CODE_INVALID_PARAMETERS, DOCK_FINALIZER, OPERATOR_FINALIZER, READY
 from .conditions import set_condition
-from .drivers.base import PermanentDriverError
+from .drivers import make_driver
+from .drivers.base import Driver, PermanentDriverError
+from .exports import make_exporters
+from .exports.base import Exporter
 
 PERSISTENCE_PREFIX = {"operator": "operator.opensds.io", "dock": "dock.opensds.io"}
 FINALIZER = {"operator": OPERATOR_FINALIZER, "dock": DOCK_FINALIZER}
@@ -78,6 +84,42 @@ def _backend_secret(spec: dict[str, Any]) -> str | None:
     return base64.b64decode(data["key"]).decode()
 
 
+def _lock_path(spec: dict[str, Any], backend: str, lock_dir: str) -> Path:
+    """The flock file: inside a file backend's own directory (it follows the data), else per node."""
+    params = dict(spec.get("parameters") or {})
+    if spec.get("driver") == "file" and params.get("path"):
+        return Path(params["path"]) / ".dock.lock"
+    return Path(lock_dir) / f"opensds-dock-{backend}.lock"
+
+
+def _build(backend: dict[str, Any]) -> tuple[Driver, dict[str, Exporter]]:
+    return make_driver(backend["spec"], secret_key=_backend_secret(backend["spec"])), make_exporters(backend["spec"])
+
+
+def _wait_for_fixable_backend(name: str, log: logging.Logger) -> tuple[dict[str, Any], Driver, dict[str, Exporter]]:
+    """Build the driver; on bad parameters report them and wait for an edit instead of crash-looping."""
+    reported: int | None = None
+    while True:
+        backend = kube.get(BACKENDS, name)
+        if backend is None:
+            log.info("waiting for StorageBackend %s to exist", name)
+            time.sleep(5)
+            continue
+        try:
+            driver, exporters = _build(backend)
+            return backend, driver, exporters
+        except PermanentDriverError as e:
+            generation = backend["metadata"].get("generation")
+            if reported != generation:
+                conditions = set_condition((backend.get("status") or {}).get("conditions"), READY, False,
+                                           CODE_INVALID_PARAMETERS, str(e), generation)
+                kube.patch_status(BACKENDS, name, {"conditions": conditions, "code": CODE_INVALID_PARAMETERS})
+                kube.post_event(backend, CODE_INVALID_PARAMETERS, str(e), warning=True, component="opensds-dock")
+                log.error("StorageBackend %s: %s; waiting for spec to change", name, e)
+                reported = generation
+            time.sleep(5)
+
+
 def run_dock() -> None:
     parser = argparse.ArgumentParser(prog="opensds-dock", description="Serve one StorageBackend")
     _common_args(parser)
@@ -86,29 +128,47 @@ def run_dock() -> None:
                         help="seconds between pool capacity reports")
     parser.add_argument("--orphan-interval", type=float, default=300.0,
                         help="seconds between sweeps for backend objects no CR owns")
+    parser.add_argument("--quarantine-hours", type=float, default=24.0,
+                        help="how long an orphan stays quarantined (renamed aside) before it is purged")
+    parser.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "opensds-system"),
+                        help="namespace of the coordination.k8s.io Lease that makes this the backend's one writer")
+    parser.add_argument("--lock-dir", default="/run/lock",
+                        help="directory of the per-node flock file (file backends lock inside their path)")
     args = parser.parse_args()
     _logging(args.verbose)
-    from .drivers import make_driver
-    from .exports import make_exporters
     from .handlers.dock import Dock, build_registry
+    from .leader import BackendLease, BackendLock, LockHeld
 
     log = logging.getLogger("opensds.dock")
-    while (backend := kube.get(BACKENDS, args.backend)) is None:
-        log.info("waiting for StorageBackend %s to exist", args.backend)
-        time.sleep(5)
-    try:
-        driver = make_driver(backend["spec"], secret_key=_backend_secret(backend["spec"]))
-        exporters = make_exporters(backend["spec"])
-    except PermanentDriverError as e:
-        conditions = set_condition((backend.get("status") or {}).get("conditions"), "Ready", False,
-                                   "InvalidParameters", str(e))
-        kube.patch_status(BACKENDS, args.backend, {"conditions": conditions})
-        kube.post_event(backend, "InvalidParameters", str(e), warning=True, component="opensds-dock")
-        raise SystemExit(f"opensds-dock: {e}") from e
-    dock = Dock(args.backend, driver, exporters)
+    backend, driver, exporters = _wait_for_fixable_backend(args.backend, log)
+    lock = BackendLock(_lock_path(backend["spec"], args.backend, args.lock_dir))
+    while True:
+        try:
+            lock.acquire()
+            break
+        except LockHeld as e:
+            log.info("another dock serves %s on this node (%s); waiting", args.backend, e)
+            time.sleep(2)
+    lease = BackendLease(kube.api_client(), args.backend, args.lease_namespace)
+    lease.acquire()
+    dock = Dock(args.backend, driver, exporters, quarantine_seconds=args.quarantine_hours * 3600)
     # The backend may set its own report interval; the scheduler's staleness check uses it too.
     interval = float(backend["spec"].get("capacityReportIntervalSeconds", args.capacity_interval))
     registry = build_registry(dock, interval, args.orphan_interval)
     kopf.on.login(registry=registry)(kopf.login_via_client)
-    kopf.run(registry=registry, settings=settings_for("dock"), standalone=True, clusterwide=True,
-             liveness_endpoint=args.liveness)
+    stop = threading.Event()
+
+    def watch_lease() -> None:
+        lease.lost.wait()
+        log.error("lost the Lease of backend %s: stopping so that only one dock writes to it", args.backend)
+        stop.set()
+
+    threading.Thread(target=watch_lease, name="lease-watch", daemon=True).start()
+    try:
+        kopf.run(registry=registry, settings=settings_for("dock"), standalone=True, clusterwide=True,
+                 liveness_endpoint=args.liveness, stop_flag=stop)
+    finally:
+        lease.release()
+        lock.release()
+    if lease.lost.is_set():
+        raise SystemExit(f"opensds-dock: lost the Lease of backend {args.backend}")

@@ -158,7 +158,7 @@ def processes(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
                  "parameters": {"path": str(base / "backend"), "capacity": "8Gi"}},
     })
     cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests/base/namespace.yaml"))
-    for rbac in ("rbac-operator.yaml", "rbac-dock.yaml"):
+    for rbac in ("rbac-operator.yaml", "rbac-dock.yaml", "admission-dock.yaml"):
         cluster.kubectl("apply", "--server-side", "-n", "opensds-system", "-f", str(ROOT / "manifests/base" / rbac))
     kubeconfigs = {
         "operator": service_account_kubeconfig(cluster, "opensds-operator", base / "operator.kubeconfig"),

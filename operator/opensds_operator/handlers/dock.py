@@ -1,24 +1,40 @@
 """Dock handlers: the only writer of one StorageBackend (DESIGN.md invariant 1).
 
 Built per process by `build_registry(backend, driver)`: the handlers only see Volumes whose
-spec.backend names this backend and Snapshots labelled with it. Every reconcile re-reads
-the backend first and creates only what is missing, so a dock killed at any point
-finishes the job after a restart (kopf `resume` handlers) without leaking or duplicating.
+spec.backend names this backend (and whose placement the operator validated: Scheduled=True)
+and Snapshots labelled with it. Every reconcile re-reads the backend first and creates only
+what was never made, so a dock killed at any point finishes the job after a restart (kopf
+`resume` handlers) without leaking or duplicating.
+
+What the dock refuses to do, because each one loses data (issue 9):
+- re-create an object that existed once (a Volume that was Available, a ready Snapshot) and is
+  missing now: an unmounted disk, an inactive VG or an edited path must not turn into a blank
+  volume the node then formats. It reports `BackendObjectMissing` and waits for it to return;
+- delete an object it cannot prove is garbage: the orphan sweep only looks at objects tagged
+  with this cluster's and this backend's identity, quarantines them first and purges them
+  only after the quarantine period; a Retain deletion marks the object itself.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from .. import kube
 from ..api import (
     AVAILABLE,
     BACKEND_LABEL,
     BACKENDS,
+    CODE_BACKEND_OBJECT_MISSING,
+    CODE_BACKEND_UNAVAILABLE,
+    CODE_INVALID_PARAMETERS,
+    CODE_SOURCE_NOT_FOUND,
     CREATING,
     DELETING,
     DOCK_FINALIZER,
@@ -28,14 +44,24 @@ from ..api import (
     POOL_LABEL,
     PROFILES,
     READY,
+    SCHEDULED,
     SNAPSHOTS,
     VERSION,
     VOLUMES,
     snapshot_backend_id,
     volume_backend_id,
 )
-from ..conditions import now, set_condition
-from ..drivers.base import Driver, DriverError, NotFound, PermanentDriverError, Source, SupportsQos
+from ..conditions import get_condition, now, set_condition
+from ..drivers.base import (
+    BackendObject,
+    Driver,
+    DriverError,
+    NotFound,
+    Owner,
+    PermanentDriverError,
+    Source,
+    SupportsQos,
+)
 from ..exports.base import ExportAuth, Exporter
 from ..qos import volume_limits
 from ..quantity import format_bytes, parse_bytes
@@ -45,6 +71,24 @@ log = logging.getLogger(__name__)
 
 class ObjectGone(Exception):
     """The CR vanished (or started deleting) before the backend was touched: do nothing."""
+
+
+class DockApi(Protocol):
+    """The API calls the dock makes; `kube.KubeApi` in production, a fake in unit tests."""
+
+    def get(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None: ...
+
+    def list_all(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]: ...
+
+    def patch_status(self, plural: str, name: str, status: dict[str, Any],
+                     namespace: str | None = None) -> dict[str, Any] | None: ...
+
+    def post_event(self, obj: dict[str, Any], reason: str, message: str, warning: bool = False,
+                   component: str = "opensds") -> None: ...
+
+    def secret_data(self, name: str, namespace: str) -> dict[str, str] | None: ...
+
+    def cluster_id(self) -> str: ...
 
 
 def guarded(obj: dict[str, Any] | None) -> bool:
@@ -60,13 +104,40 @@ def guarded(obj: dict[str, Any] | None) -> bool:
     return not meta.get("deletionTimestamp") and DOCK_FINALIZER in (meta.get("finalizers") or [])
 
 
+def scheduled(status: dict[str, Any]) -> bool:
+    """The operator validated this placement (DESIGN: the dock acts only on Scheduled=True)."""
+    condition = get_condition(status.get("conditions"), SCHEDULED)
+    return condition is not None and condition.get("status") == "True"
+
+
+def volume_was_made(status: dict[str, Any]) -> bool:
+    """The backend object existed once: it was Available (backendVolumeID is recorded only then).
+
+    From here on a missing object is lost data to report, never something to create again."""
+    phase = status.get("phase")
+    return phase in (AVAILABLE, EXPANDING) or (bool(status.get("backendVolumeID")) and phase != CREATING)
+
+
+def failure_code(error: Exception) -> str:
+    """The stable code (api.CODE_*) the CSI controller relays as a gRPC code."""
+    if isinstance(error, NotFound):
+        return CODE_SOURCE_NOT_FOUND
+    if isinstance(error, PermanentDriverError):
+        return CODE_INVALID_PARAMETERS
+    return CODE_BACKEND_UNAVAILABLE
+
+
 class Dock:
     CAPACITY_COALESCE_SECONDS = 0.5
+    MISSING_RECHECK_SECONDS = 30.0
 
-    def __init__(self, backend: str, driver: Driver, exporters: dict[str, Exporter] | None = None) -> None:
+    def __init__(self, backend: str, driver: Driver, exporters: dict[str, Exporter] | None = None,
+                 api: DockApi | None = None, quarantine_seconds: float = 24 * 3600.0) -> None:
         self.backend = backend
         self.driver = driver
         self.exporters = exporters or {}
+        self.api: DockApi = api if api is not None else kube.KubeApi()
+        self.quarantine_seconds = quarantine_seconds
         self._capacity_lock = threading.Lock()
         self._capacity_pending = False
 
@@ -91,26 +162,32 @@ class Dock:
     def record_intent(self, plural: str, body: kopf.Body, status: dict[str, Any]) -> None:
         """Write what is about to happen into status; raise ObjectGone unless it is still wanted."""
         meta = body["metadata"]
-        result = kube.patch_status(plural, meta["name"], status, meta["namespace"])
+        result = self.api.patch_status(plural, meta["name"], status, meta["namespace"])
         if not guarded(result) or (result or {})["metadata"]["uid"] != meta["uid"]:
             raise ObjectGone(f"{plural} {meta['namespace']}/{meta['name']} is gone or being deleted")
+
+    def owner(self, body: kopf.Body | dict[str, Any], kind: str, retained: bool = False) -> Owner:
+        """The tag a backend object carries: this cluster, this backend, the CR it belongs to."""
+        meta = body["metadata"]
+        return Owner(self.api.cluster_id(), self.backend, kind, meta["namespace"], meta["name"], meta["uid"],
+                     retained)
 
     # ------------------------------------------------------------ capacity
 
     def publish_capacity(self) -> None:
-        obj = kube.get(BACKENDS, self.backend)
+        obj = self.api.get(BACKENDS, self.backend)
         if obj is None:
             return
         conditions = (obj.get("status") or {}).get("conditions")
         try:
             pools = self.driver.pools()
         except (DriverError, OSError) as e:
-            kube.patch_status(BACKENDS, self.backend, {
+            self.api.patch_status(BACKENDS, self.backend, {
                 "lastProbeTime": now(),
                 "conditions": set_condition(conditions, READY, False, "ProbeFailed", str(e)),
             })
             return
-        kube.patch_status(BACKENDS, self.backend, {
+        self.api.patch_status(BACKENDS, self.backend, {
             "observedGeneration": obj["metadata"].get("generation"),
             "lastProbeTime": now(),
             "poolCount": len(pools),
@@ -130,32 +207,51 @@ class Dock:
 
     def report_stopped(self) -> None:
         """On a clean shutdown: tell the scheduler right away instead of letting the report go stale."""
-        obj = kube.get(BACKENDS, self.backend)
+        obj = self.api.get(BACKENDS, self.backend)
         if obj is not None:
-            kube.patch_status(BACKENDS, self.backend, {"conditions": set_condition(
+            self.api.patch_status(BACKENDS, self.backend, {"conditions": set_condition(
                 (obj.get("status") or {}).get("conditions"), READY, False, "DockStopped",
                 "the dock serving this backend stopped; volumes are not placed here until it is back")})
 
-    # ------------------------------------------------------------ volumes
+    # ------------------------------------------------------------ failures
 
-    def _fail(self, plural: str, body: kopf.Body | dict[str, Any], error: Exception, phase: str | None = ERROR) -> None:
+    def _fail(self, plural: str, body: kopf.Body | dict[str, Any], error: Exception, phase: str | None = ERROR,
+              code: str | None = None) -> None:
+        """Ready=False with a stable code + one (de-duplicated) Warning Event saying what is wrong."""
         meta = body["metadata"]
         status = dict(body.get("status") or {})
         message = str(error)
-        patch: dict[str, Any] = {"conditions": set_condition(
-            status.get("conditions"), READY, False, type(error).__name__, message, meta.get("generation"))}
+        code = code or failure_code(error)
+        patch: dict[str, Any] = {"code": code, "conditions": set_condition(
+            status.get("conditions"), READY, False, code, message, meta.get("generation"))}
         if phase:
             patch["phase"] = phase
-        kube.patch_status(plural, meta["name"], patch, meta["namespace"])
-        kube.post_event(dict(body), "BackendError", message, warning=True, component="opensds-dock")
+        try:
+            self.api.patch_status(plural, meta["name"], patch, meta["namespace"])
+        except ApiException as e:  # the condition is best effort; the retry reports again
+            log.warning("could not record %s on %s/%s: %s", code, meta["namespace"], meta["name"], e.reason)
+        self.api.post_event(dict(body), code, message, warning=True, component="opensds-dock")
+
+    def _backend_object_missing(self, plural: str, body: kopf.Body | dict[str, Any], backend_id: str,
+                                pool: str) -> None:
+        """A made object is gone: say so and look again later; never make a blank one in its place."""
+        message = (f"{backend_id} existed on {self.backend}/{pool} and is missing now; it is not re-created "
+                   f"(that would hand out an empty volume). Check that the backend's storage is present "
+                   f"(disk mounted, volume group active, spec.parameters unchanged); the dock looks again "
+                   f"every {int(self.MISSING_RECHECK_SECONDS)} s")
+        self._fail(plural, body, DriverError(message), phase=ERROR if plural == VOLUMES else None,
+                   code=CODE_BACKEND_OBJECT_MISSING)
+        raise kopf.TemporaryError(message, delay=self.MISSING_RECHECK_SECONDS)
+
+    # ------------------------------------------------------------ volumes
 
     def _source(self, namespace: str, source: dict[str, Any]) -> Source:
         if source["kind"] == "Snapshot":
-            snap = kube.get(SNAPSHOTS, source["name"], namespace)
+            snap = self.api.get(SNAPSHOTS, source["name"], namespace)
             if snap is None or not (snap.get("status") or {}).get("readyToUse"):
                 raise kopf.TemporaryError(f"source Snapshot {source['name']} is not ready yet", delay=3)
             return Source("Snapshot", snapshot_backend_id(snap["metadata"]["uid"]))
-        vol = kube.get(VOLUMES, source["name"], namespace)
+        vol = self.api.get(VOLUMES, source["name"], namespace)
         if vol is None or (vol.get("status") or {}).get("phase") != AVAILABLE:
             raise kopf.TemporaryError(f"source Volume {source['name']} is not Available yet", delay=3)
         return Source("Volume", volume_backend_id(vol["metadata"]["uid"]))
@@ -172,21 +268,25 @@ class Dock:
         backend_id, pool = volume_backend_id(meta["uid"]), spec["pool"]
         size = parse_bytes(spec["size"])
         status = dict(body.get("status") or {})
+        if not scheduled(status):
+            raise kopf.TemporaryError("waiting for the operator to validate the placement (Scheduled=True)", delay=5)
         try:
             info = self.driver.get_volume(backend_id, pool)
+            if info is None and volume_was_made(status):
+                self._backend_object_missing(VOLUMES, body, backend_id, pool)
             if info is None:
-                self.record_intent(VOLUMES, body, {"phase": CREATING, "backendVolumeID": backend_id})
+                self.record_intent(VOLUMES, body, {"phase": CREATING})
                 source = self._source(namespace, dict(spec["source"])) if spec.get("source") else None
-                profile = kube.get(PROFILES, spec["profile"]) or {}
+                profile = self.api.get(PROFILES, spec["profile"]) or {}
                 thin = (profile.get("spec", {}).get("provisioning", {}) or {}).get("type", "thin") == "thin"
                 log.info("creating %s for %s/%s", backend_id, namespace, name)
-                info = self.driver.create_volume(backend_id, pool, size, thin, source)
+                info = self.driver.create_volume(backend_id, pool, size, thin, source, self.owner(body, "Volume"))
                 self._backend_qos(backend_id, profile, info.size_bytes)
                 event = ("Created", f"created {backend_id} ({format_bytes(info.size_bytes)}) in {self.backend}/{pool}")
             elif info.size_bytes < size:
                 self.record_intent(VOLUMES, body, {"phase": EXPANDING})
                 info = self.driver.extend_volume(backend_id, pool, size)
-                self._backend_qos(backend_id, kube.get(PROFILES, spec["profile"]) or {}, info.size_bytes)
+                self._backend_qos(backend_id, self.api.get(PROFILES, spec["profile"]) or {}, info.size_bytes)
                 for exporter in self.exporters.values():
                     exporter.resize(backend_id)
                 event = ("Expanded", f"expanded {backend_id} to {format_bytes(info.size_bytes)}")
@@ -201,8 +301,9 @@ class Dock:
         except (DriverError, OSError) as e:
             self._fail(VOLUMES, body, e, phase=None)
             raise kopf.TemporaryError(str(e), delay=10) from e
-        done = kube.patch_status(VOLUMES, name, {
+        done = self.api.patch_status(VOLUMES, name, {
             "phase": AVAILABLE,
+            "code": None,
             "backendVolumeID": backend_id,
             "capacityBytes": info.size_bytes,
             "devicePath": info.path or None,
@@ -216,7 +317,7 @@ class Dock:
             self.driver.delete_volume(backend_id, pool)
             return
         if event:
-            kube.post_event(dict(body), *event, component="opensds-dock")
+            self.api.post_event(dict(body), *event, component="opensds-dock")
             self.capacity_changed()
         if spec.get("publishedNodes") or status.get("publishedNodes"):
             # Always converge: after a reboot or a dock restart configfs is empty while the
@@ -235,9 +336,11 @@ class Dock:
             raise kopf.TemporaryError("volume is not Available yet; exporting it later", delay=2)
         nodes = sorted(spec.get("publishedNodes") or [])
         backend_id = volume_backend_id(meta["uid"])
-        profile = kube.get(PROFILES, spec["profile"]) or {}
+        profile = self.api.get(PROFILES, spec["profile"]) or {}
         protocol = (profile.get("spec") or {}).get("accessProtocol", "local")
         try:
+            if self.driver.get_volume(backend_id, spec["pool"]) is None:
+                self._backend_object_missing(VOLUMES, body, backend_id, spec["pool"])
             if protocol == self.driver.native_protocol:
                 context = self.driver.export(backend_id, spec["pool"], nodes)
             else:
@@ -259,8 +362,8 @@ class Dock:
             raise kopf.TemporaryError(str(e), delay=5) from e
         # The node enforces the profile's I/O limits (blk-cgroup io.max) from these entries.
         context.update(volume_limits(profile.get("spec") or {}, int(status.get("capacityBytes") or 0)).as_context())
-        kube.patch_status(VOLUMES, meta["name"], {"publishedNodes": nodes, "publishContext": context},
-                          meta["namespace"])
+        self.api.patch_status(VOLUMES, meta["name"], {"publishedNodes": nodes, "publishContext": context},
+                              meta["namespace"])
         log.info("%s/%s exported to %s", meta["namespace"], meta["name"], ", ".join(nodes) or "nobody")
 
     @staticmethod
@@ -277,17 +380,20 @@ class Dock:
 
     def delete_volume(self, body: kopf.Body) -> None:
         meta, spec = body["metadata"], body["spec"]
-        kube.patch_status(VOLUMES, meta["name"], {"phase": DELETING}, meta["namespace"])
+        self.api.patch_status(VOLUMES, meta["name"], {"phase": DELETING}, meta["namespace"])
         backend_id = volume_backend_id(meta["uid"])
-        if spec.get("reclaimPolicy") == "Retain":
-            self.record_retained(backend_id, f"{meta['namespace']}/{meta['name']}")
-            kube.post_event(dict(body), "Retained", f"{backend_id} kept on {self.backend} (reclaimPolicy Retain)",
-                            component="opensds-dock")
-            return
-        log.info("deleting %s of %s/%s", backend_id, meta["namespace"], meta["name"])
         try:
             for exporter in self.exporters.values():
                 exporter.unexport(backend_id)
+            if spec.get("reclaimPolicy") == "Retain":
+                # The record lives on the object itself: it outlives this CR and the backend's.
+                if self.driver.get_volume(backend_id, spec["pool"]) is not None:
+                    self.driver.set_owner(backend_id, spec["pool"], self.owner(body, "Volume", retained=True))
+                self.api.post_event(dict(body), "Retained",
+                                    f"{backend_id} kept on {self.backend} (reclaimPolicy Retain)",
+                                    component="opensds-dock")
+                return
+            log.info("deleting %s of %s/%s", backend_id, meta["namespace"], meta["name"])
             self.driver.delete_volume(backend_id, spec["pool"])
         except (DriverError, OSError) as e:
             self._fail(VOLUMES, body, e, phase=None)
@@ -296,22 +402,34 @@ class Dock:
 
     # ------------------------------------------------------------ snapshots
 
+    def _snapshot_exists(self, snap_id: str, pool: str) -> bool:
+        return snap_id in self.driver.list_objects(pool)
+
     def reconcile_snapshot(self, body: kopf.Body) -> None:
         meta, spec = body["metadata"], body["spec"]
         namespace = meta["namespace"]
         pool = meta["labels"][POOL_LABEL]
-        volume = kube.get(VOLUMES, spec["volumeName"], namespace)
+        snap_id = snapshot_backend_id(meta["uid"])
+        already = bool((body.get("status") or {}).get("readyToUse"))
+        if already:
+            # A ready snapshot is a point in time: if it is gone, taking a new one now would
+            # silently hand out different data under the same name.
+            try:
+                if not self._snapshot_exists(snap_id, pool):
+                    self._backend_object_missing(SNAPSHOTS, body, snap_id, pool)
+            except (DriverError, OSError) as e:
+                raise kopf.TemporaryError(str(e), delay=10) from e
+            return
+        volume = self.api.get(VOLUMES, spec["volumeName"], namespace)
         if volume is None:
             raise kopf.TemporaryError(f"Volume {spec['volumeName']} is gone", delay=10)
         if (volume.get("status") or {}).get("phase") not in (AVAILABLE, EXPANDING):
             raise kopf.TemporaryError(f"Volume {spec['volumeName']} is not Available yet", delay=3)
-        snap_id = snapshot_backend_id(meta["uid"])
-        already = (body.get("status") or {}).get("readyToUse")
         try:
-            if not already:
-                self.record_intent(SNAPSHOTS, body, {"backendSnapshotID": snap_id, "backend": self.backend,
-                                                     "pool": pool})
-            info = self.driver.create_snapshot(snap_id, pool, volume_backend_id(volume["metadata"]["uid"]))
+            self.record_intent(SNAPSHOTS, body, {"backendSnapshotID": snap_id, "backend": self.backend,
+                                                 "pool": pool})
+            info = self.driver.create_snapshot(snap_id, pool, volume_backend_id(volume["metadata"]["uid"]),
+                                               self.owner(body, "Snapshot"))
         except ObjectGone as e:
             log.info("not creating %s: %s", snap_id, e)
             return
@@ -321,8 +439,9 @@ class Dock:
         except (DriverError, OSError) as e:
             self._fail(SNAPSHOTS, body, e, phase=None)
             raise kopf.TemporaryError(str(e), delay=10) from e
-        done = kube.patch_status(SNAPSHOTS, meta["name"], {
+        done = self.api.patch_status(SNAPSHOTS, meta["name"], {
             "readyToUse": True,
+            "code": None,
             "sizeBytes": info.size_bytes,
             "creationTime": info.created_at,
             "backendSnapshotID": snap_id,
@@ -335,9 +454,8 @@ class Dock:
         if done is None or done["metadata"]["uid"] != meta["uid"]:
             self.driver.delete_snapshot(snap_id, pool)
             return
-        if not already:
-            kube.post_event(dict(body), "SnapshotCreated", f"created {snap_id}", component="opensds-dock")
-            self.capacity_changed()
+        self.api.post_event(dict(body), "SnapshotCreated", f"created {snap_id}", component="opensds-dock")
+        self.capacity_changed()
 
     def delete_snapshot(self, body: kopf.Body) -> None:
         meta = body["metadata"]
@@ -347,42 +465,75 @@ class Dock:
             raise kopf.TemporaryError(str(e), delay=10) from e
         self.capacity_changed()
 
-
-    # ------------------------------------------------------------ retention and orphans
-
-    def record_retained(self, backend_id: str, owner: str) -> None:
-        """Remember a kept volume in the backend's status so the orphan collector leaves it alone."""
-        backend = kube.get(BACKENDS, self.backend) or {}
-        retained = list((backend.get("status") or {}).get("retainedVolumes", []))
-        if not any(r.get("id") == backend_id for r in retained):
-            retained.append({"id": backend_id, "volume": owner, "retainedAt": now()})
-            kube.patch_status(BACKENDS, self.backend, {"retainedVolumes": retained})
+    # ------------------------------------------------------------ orphans
 
     def collect_orphans(self) -> list[str]:
-        """Delete backend objects whose CR no longer exists (crash leftovers); returns their ids.
+        """Quarantine backend objects of ours whose CR no longer exists; purge expired quarantine.
 
-        The backend is listed before the API: a CR always exists before its object is made,
-        so an object found first whose CR is missing later is garbage.
+        Only objects tagged with this cluster's and this backend's identity are considered:
+        untagged objects and other clusters' are never touched (counted in status). The
+        backend is scanned before the API is listed: a CR always exists before its object is
+        made, so an object found first whose CR is missing later is garbage, and it is still
+        kept (renamed aside) for the quarantine period before it is purged. Returns the ids
+        quarantined or purged in this pass.
         """
-        on_backend = {pool.name: self.driver.list_objects(pool.name) for pool in self.driver.pools()}
-        wanted = {volume_backend_id(v["metadata"]["uid"]) for v in kube.list_all(VOLUMES)}
-        wanted |= {snapshot_backend_id(s["metadata"]["uid"]) for s in kube.list_all(SNAPSHOTS)}
-        backend = kube.get(BACKENDS, self.backend) or {}
-        wanted |= {r["id"] for r in (backend.get("status") or {}).get("retainedVolumes", [])}
-        collected = []
-        for pool, ids in on_backend.items():
-            for backend_id in ids:
-                if backend_id in wanted or not backend_id.startswith(("vol-", "snap-")):
+        scanned: dict[str, list[BackendObject]] = {pool.name: self.driver.scan(pool.name)
+                                                   for pool in self.driver.pools()}
+        cluster = self.api.cluster_id()
+        live = {v["metadata"]["uid"] for v in self.api.list_all(VOLUMES)}
+        live |= {s["metadata"]["uid"] for s in self.api.list_all(SNAPSHOTS)}
+        backend = self.api.get(BACKENDS, self.backend) or {"metadata": {"name": self.backend}}
+        acted, foreign, quarantined = [], 0, 0
+        for pool, objects in scanned.items():
+            for obj in objects:
+                owner = obj.owner
+                if owner is None or owner.cluster != cluster or owner.backend != self.backend:
+                    foreign += 1
                     continue
-                log.warning("collecting orphan %s in %s/%s (no CR owns it)", backend_id, self.backend, pool)
-                if backend_id.startswith("vol-"):
-                    self.driver.delete_volume(backend_id, pool)
-                else:
-                    self.driver.delete_snapshot(backend_id, pool)
-                collected.append(backend_id)
-        if collected:
+                if owner.retained or (owner.uid in live and obj.quarantined_at is None):
+                    continue
+                if obj.quarantined_at is not None:
+                    quarantined += 1
+                    if time.time() - obj.quarantined_at >= self.quarantine_seconds:
+                        log.warning("purging %s in %s/%s (quarantined %.0f s ago)", obj.backend_id, self.backend,
+                                    pool, time.time() - obj.quarantined_at)
+                        self.driver.purge(obj.backend_id, pool)
+                        self.api.post_event(backend, "OrphanPurged", f"purged {obj.backend_id} of {owner.kind} "
+                                            f"{owner.namespace}/{owner.name} after its quarantine",
+                                            component="opensds-dock")
+                        acted.append(obj.backend_id)
+                        quarantined -= 1
+                    continue
+                log.warning("quarantining %s in %s/%s: its %s %s/%s (uid %s) no longer exists", obj.backend_id,
+                            self.backend, pool, owner.kind, owner.namespace, owner.name, owner.uid)
+                self.driver.quarantine(obj.backend_id, pool)
+                self.api.post_event(backend, "OrphanQuarantined", (
+                    f"{obj.backend_id} belonged to {owner.kind} {owner.namespace}/{owner.name} (uid {owner.uid}), "
+                    f"which no longer exists; kept aside for {self.quarantine_seconds / 3600:g} h, then purged"),
+                    warning=True, component="opensds-dock")
+                acted.append(obj.backend_id)
+                quarantined += 1
+        self.api.patch_status(BACKENDS, self.backend, {"quarantinedObjects": quarantined,
+                                                       "foreignObjects": foreign})
+        if acted:
             self.capacity_changed()
-        return collected
+        return acted
+
+
+def reported(dock: Dock, plural: str, body: kopf.Body, action: Callable[[kopf.Body], None]) -> None:
+    """Run a reconcile; anything unexpected (an API error, a library's own exception) becomes a
+    Ready=False condition with an Event and a retry, instead of a traceback and silence."""
+    try:
+        action(body)
+    except (kopf.TemporaryError, kopf.PermanentError):
+        raise
+    except ApiException as e:
+        dock._fail(plural, body, DriverError(f"Kubernetes API: {e.status} {e.reason}"), phase=None)
+        raise kopf.TemporaryError(f"Kubernetes API: {e.status} {e.reason}", delay=5) from e
+    except Exception as e:
+        log.exception("unexpected error handling %s %s", plural, body["metadata"]["name"])
+        dock._fail(plural, body, DriverError(f"unexpected {type(e).__name__}: {e}"), phase=None)
+        raise kopf.TemporaryError(f"unexpected {type(e).__name__}: {e}", delay=10) from e
 
 
 def build_registry(dock: Dock, capacity_interval: float = 30.0,
@@ -398,25 +549,25 @@ def build_registry(dock: Dock, capacity_interval: float = 30.0,
     @kopf.on.update(GROUP, VERSION, VOLUMES, field="spec.size", registry=registry,
                     **mine_volume)  # type: ignore[arg-type]
     def volume_reconcile(body: kopf.Body, **_: Any) -> None:
-        dock.reconcile_volume(body)
+        reported(dock, VOLUMES, body, dock.reconcile_volume)
 
     @kopf.on.update(GROUP, VERSION, VOLUMES, field="spec.publishedNodes", registry=registry,
                     **mine_volume)  # type: ignore[arg-type]
     def volume_access(body: kopf.Body, **_: Any) -> None:
-        dock.reconcile_access(body)
+        reported(dock, VOLUMES, body, dock.reconcile_access)
 
     @kopf.on.delete(GROUP, VERSION, VOLUMES, registry=registry, **mine_volume)  # type: ignore[arg-type]
     def volume_delete(body: kopf.Body, **_: Any) -> None:
-        dock.delete_volume(body)
+        reported(dock, VOLUMES, body, dock.delete_volume)
 
     @kopf.on.resume(GROUP, VERSION, SNAPSHOTS, registry=registry, **mine_snapshot)  # type: ignore[arg-type]
     @kopf.on.create(GROUP, VERSION, SNAPSHOTS, registry=registry, **mine_snapshot)  # type: ignore[arg-type]
     def snapshot_reconcile(body: kopf.Body, **_: Any) -> None:
-        dock.reconcile_snapshot(body)
+        reported(dock, SNAPSHOTS, body, dock.reconcile_snapshot)
 
     @kopf.on.delete(GROUP, VERSION, SNAPSHOTS, registry=registry, **mine_snapshot)  # type: ignore[arg-type]
     def snapshot_delete(body: kopf.Body, **_: Any) -> None:
-        dock.delete_snapshot(body)
+        reported(dock, SNAPSHOTS, body, dock.delete_snapshot)
 
     @kopf.on.resume(GROUP, VERSION, BACKENDS, registry=registry, **mine_backend)  # type: ignore[arg-type]
     @kopf.on.create(GROUP, VERSION, BACKENDS, registry=registry, **mine_backend)  # type: ignore[arg-type]

@@ -21,6 +21,11 @@ from .. import kube
 from ..api import (
     BACKEND_LABEL,
     BACKENDS,
+    CODE_CROSS_NAMESPACE_SOURCE,
+    CODE_PLACEMENT_INVALID,
+    CODE_PROFILE_NOT_FOUND,
+    CODE_SOURCE_NOT_FOUND,
+    CODE_UNSCHEDULABLE,
     GROUP,
     IN_USE,
     PENDING,
@@ -210,6 +215,7 @@ def _fail_pending(body: kopf.Body, status: dict[str, Any], reason: str, message:
     meta = body["metadata"]
     kube.patch_status(plural, meta["name"], {
         "phase": PENDING if plural == VOLUMES else None,
+        "code": reason,
         "conditions": set_condition(status.get("conditions"), SCHEDULED, False, reason, message,
                                     meta.get("generation")),
     }, namespace=meta["namespace"])
@@ -222,13 +228,13 @@ def _fail_pending(body: kopf.Body, status: dict[str, Any], reason: str, message:
 def _source_pool(namespace: str, source: dict[str, Any], body: kopf.Body,
                  status: dict[str, Any]) -> PoolKey | None:
     if source.get("namespace") not in (None, namespace):
-        _fail_pending(body, status, "CrossNamespaceSource",
+        _fail_pending(body, status, CODE_CROSS_NAMESPACE_SOURCE,
                       f"source {source['kind']} {source['namespace']}/{source['name']} is in another namespace; "
                       f"only sources in {namespace} can be used", VOLUMES, 0, permanent=True)
     plural = SNAPSHOTS if source["kind"] == "Snapshot" else VOLUMES
     obj = kube.get(plural, source["name"], namespace)
     if obj is None:
-        _fail_pending(body, status, "SourceNotFound",
+        _fail_pending(body, status, CODE_SOURCE_NOT_FOUND,
                       f"source {source['kind']} {namespace}/{source['name']} does not exist; create it or fix "
                       f"spec.source", VOLUMES, Settings.retry_unschedulable_seconds)
         return None
@@ -242,10 +248,15 @@ def _source_pool(namespace: str, source: dict[str, Any], body: kopf.Body,
     return (backend, pool)
 
 
-@kopf.on.resume(GROUP, VERSION, VOLUMES, registry=registry, when=lambda spec, **_: not spec.get("backend")
-                or not spec.get("pool"))
-@kopf.on.create(GROUP, VERSION, VOLUMES, registry=registry, when=lambda spec, **_: not spec.get("backend")
-                or not spec.get("pool"))
+def _not_scheduled(status: kopf.Status, **_: Any) -> bool:
+    """Every Volume goes through the scheduler once, including one whose spec pins backend and
+    pool: a pinned placement is checked like any other, and the dock acts only on Scheduled=True."""
+    condition = next((c for c in status.get("conditions") or [] if c.get("type") == SCHEDULED), None)
+    return condition is None or condition.get("status") != "True"
+
+
+@kopf.on.resume(GROUP, VERSION, VOLUMES, registry=registry, when=_not_scheduled)
+@kopf.on.create(GROUP, VERSION, VOLUMES, registry=registry, when=_not_scheduled)
 def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec, status: kopf.Status,
                     body: kopf.Body, **kwargs: Any) -> None:
     assert namespace is not None
@@ -256,7 +267,7 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
     known = profile_specs.get(spec["profile"])
     profile = {"spec": next(iter(known))} if known else kube.get(PROFILES, spec["profile"])
     if profile is None:
-        _fail_pending(body, status_d, "ProfileNotFound",
+        _fail_pending(body, status_d, CODE_PROFILE_NOT_FOUND,
                       f"StorageProfile {spec['profile']} does not exist; create it or fix spec.profile",
                       VOLUMES, Settings.retry_unschedulable_seconds)
         return
@@ -273,9 +284,14 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
                      for p in pools_from_backend(b, Settings.default_over_subscription_ratio)]
             decision = schedule(request, pools, committed_bytes(placed_volumes))
         if decision.pool is None:
-            message = f"no pool fits {spec['size']} of profile {spec['profile']}: {decision.explain()}"
-            _fail_pending(body, status_d, "Unschedulable", message, VOLUMES,
-                          Settings.retry_unschedulable_seconds)
+            if spec.get("backend") or spec.get("pool"):
+                message = (f"the pinned placement {spec.get('backend') or '*'}/{spec.get('pool') or '*'} cannot take "
+                           f"{spec['size']} of profile {spec['profile']}: {decision.explain()}")
+                reason = CODE_PLACEMENT_INVALID
+            else:
+                message = f"no pool fits {spec['size']} of profile {spec['profile']}: {decision.explain()}"
+                reason = CODE_UNSCHEDULABLE
+            _fail_pending(body, status_d, reason, message, VOLUMES, Settings.retry_unschedulable_seconds)
             return
         chosen = decision.pool
         _recent_placements[uid] = (chosen.key, size)  # counted from now on; the API write is outside the lock
@@ -284,6 +300,7 @@ def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec,
         # Available at once, and a later "Pending" from here would overwrite that.
         kube.patch_status(VOLUMES, name, {
             "phase": PENDING,
+            "code": None,
             "conditions": set_condition(status_d.get("conditions"), SCHEDULED, True, "Scheduled",
                                         f"placed on {chosen.label}", body["metadata"].get("generation")),
         }, namespace=namespace)
@@ -318,7 +335,7 @@ def snapshot_place(name: str, namespace: str | None, spec: kopf.Spec, status: ko
     """A snapshot lives where its source volume lives: label it so that backend's dock takes it."""
     volume = kube.get(VOLUMES, spec["volumeName"], namespace)
     if volume is None:
-        _fail_pending(body, dict(status), "SourceNotFound",
+        _fail_pending(body, dict(status), CODE_SOURCE_NOT_FOUND,
                       f"Volume {namespace}/{spec['volumeName']} does not exist; create it or fix spec.volumeName",
                       SNAPSHOTS, Settings.retry_unschedulable_seconds)
         return
