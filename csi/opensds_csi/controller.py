@@ -20,18 +20,29 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import Int64Value
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from opensds_operator import kube
 from opensds_operator.api import (
     AVAILABLE,
     BACKENDS,
+    CODE_BACKEND_OBJECT_MISSING,
+    CODE_BACKEND_UNAVAILABLE,
+    CODE_CAPACITY_EXHAUSTED,
+    CODE_CROSS_NAMESPACE_SOURCE,
+    CODE_EXPORT_FAILED,
+    CODE_INVALID_PARAMETERS,
+    CODE_PLACEMENT_INVALID,
+    CODE_PROFILE_NOT_FOUND,
+    CODE_SOURCE_NOT_FOUND,
+    CODE_UNSCHEDULABLE,
     ERROR,
+    MAX_VOLUME_BYTES,
     PROFILES,
+    READY,
     SCHEDULED,
     SNAPSHOTS,
     VOLUMES,
+    valid_node_name,
 )
 from opensds_operator.quantity import exact_quantity, parse_bytes
 from opensds_operator.scheduler import (
@@ -51,6 +62,8 @@ from opensds_operator.scheduler import (
 from .errors import (
     Aborted,
     AlreadyExists,
+    CsiError,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -59,6 +72,7 @@ from .errors import (
     Unimplemented,
 )
 from .identity import DRIVER_NAME
+from .kubeapi import ClusterApi, KubeClusterApi
 from .locks import KeyLocks
 from .proto import csi_pb2, csi_pb2_grpc
 from .store import Obj, ObjectStore
@@ -120,7 +134,10 @@ def requested_size(capacity_range: csi_pb2.CapacityRange | None, default: int = 
         raise OutOfRange(f"required_bytes {required} exceeds limit_bytes {limit}")
     size = required or (min(default, limit) if limit else default)
     rounded = -(-size // MIB) * MIB
-    return rounded if not limit or rounded <= limit else size
+    size = rounded if not limit or rounded <= limit else size
+    if size > MAX_VOLUME_BYTES:
+        raise OutOfRange(f"{size} bytes is more than the largest volume, {exact_quantity(MAX_VOLUME_BYTES)}")
+    return size
 
 
 def _condition(obj: Obj, kind: str) -> dict[str, Any] | None:
@@ -134,9 +151,68 @@ def _timestamp(rfc3339: str | None) -> Timestamp:
     return ts
 
 
+# ------------------------------------------------------------ failure codes -> gRPC codes
+# The one table: a stable code the operator/dock records on a CR (status.code, or the reason
+# of a False Scheduled/Ready condition) -> the error the CSI caller gets. None: transient, so
+# the call keeps waiting (and ends DEADLINE_EXCEEDED; the CO retries). Only capacity is
+# RESOURCE_EXHAUSTED (the CO may then try another topology); a missing source is NOT_FOUND as
+# the spec prescribes for CreateVolume; a backend object that existed and is gone needs a
+# human (restore the disk/VG) before anything can succeed: FAILED_PRECONDITION, never a retry
+# that would re-create it empty.
+FAILURE_CODES: dict[str, type[CsiError] | None] = {
+    CODE_SOURCE_NOT_FOUND: NotFound,
+    CODE_PROFILE_NOT_FOUND: InvalidArgument,
+    CODE_INVALID_PARAMETERS: InvalidArgument,
+    CODE_CROSS_NAMESPACE_SOURCE: InvalidArgument,
+    CODE_PLACEMENT_INVALID: InvalidArgument,
+    CODE_UNSCHEDULABLE: ResourceExhausted,
+    CODE_CAPACITY_EXHAUSTED: ResourceExhausted,
+    CODE_BACKEND_OBJECT_MISSING: FailedPrecondition,
+    CODE_EXPORT_FAILED: FailedPrecondition,
+    CODE_BACKEND_UNAVAILABLE: None,
+}
+
+
+def recorded_failure(obj: Obj) -> CsiError | None:
+    """The permanent failure a CR records for its current generation, as the CSI error to return.
+
+    status.code wins; else the reason of a False Scheduled or Ready condition when it is a
+    known code. A phase Error with no known code is INTERNAL (a code this controller does not
+    know yet). Failures recorded for an older generation are stale and ignored.
+    """
+    status = obj.get("status") or {}
+    generation = int(obj["metadata"].get("generation") or 0)
+    observed = int(status.get("observedGeneration") or generation)
+    failed = [c for c in (_condition(obj, SCHEDULED), _condition(obj, READY))
+              if c and c.get("status") == "False" and int(c.get("observedGeneration") or observed) >= generation]
+    if observed < generation:
+        status = {}
+    code = status.get("code")
+    if not code:
+        code = next((c.get("reason") for c in failed if c.get("reason") in FAILURE_CODES), None)
+    message = next((c.get("message") for c in failed if c.get("reason") == code and c.get("message")), None)
+    message = message or next((c.get("message") for c in failed if c.get("message")), None) or str(code)
+    if code in FAILURE_CODES:
+        kind = FAILURE_CODES[code]
+        return kind(f"{code}: {message}") if kind else None
+    if status.get("phase") == ERROR:
+        return CsiError(f"{code or 'Error'}: {message}")
+    return None
+
+
+def _transient_note(obj: Obj | None) -> str:
+    """What a CR says while it waits (a transient code), to explain a DEADLINE_EXCEEDED."""
+    if obj is None:
+        return ""
+    failed = [c for c in (_condition(obj, SCHEDULED), _condition(obj, READY)) if c and c.get("status") == "False"]
+    return "; last status: " + "; ".join(f"{c.get('reason')}: {c.get('message', '')}" for c in failed) if failed \
+        else ""
+
+
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, store: ObjectStore, wait_timeout: float = 60.0) -> None:
+    def __init__(self, store: ObjectStore, wait_timeout: float = 60.0, api: ClusterApi | None = None) -> None:
         self.store = store
+        self.api: ClusterApi = api or KubeClusterApi()
         self.namespace = store.namespace
         self.wait_timeout = wait_timeout
         self.locks = KeyLocks()
@@ -154,17 +230,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             return None
         namespace, name = parsed
         if namespace == self.namespace:
-            return self.store.get(VOLUMES, name) or kube.get(VOLUMES, name, namespace)
-        return kube.get(VOLUMES, name, namespace)
+            return self.store.get(VOLUMES, name) or self.api.get(VOLUMES, name, namespace)
+        return self.api.get(VOLUMES, name, namespace)
 
     def _profile(self, name: str) -> Obj:
-        profile = kube.get(PROFILES, name)
+        profile = self.api.get(PROFILES, name)
         if profile is None:
             raise InvalidArgument(f"StorageProfile {name!r} (StorageClass parameter 'profile') does not exist")
         return profile
 
     def _pools(self) -> list[Pool]:
-        return [pool for backend in kube.list_all(BACKENDS) for pool in pools_from_backend(backend)]
+        return [pool for backend in self.api.list(BACKENDS) for pool in pools_from_backend(backend)]
 
     def _accessible_topology(self, volume: Obj, protocol: str) -> list[csi_pb2.Topology]:
         spec = volume["spec"]
@@ -220,7 +296,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         else:
             return None
         parsed = parse_id(source_id)
-        obj = kube.get(plural, parsed[1], parsed[0]) if parsed and parsed[0] == self.namespace else None
+        obj = self.api.get(plural, parsed[1], parsed[0]) if parsed and parsed[0] == self.namespace else None
         if obj is None:
             raise NotFound(f"source {kind.lower()} {source_id} does not exist")
         source_size = ((obj.get("status") or {}).get("sizeBytes") if plural == SNAPSHOTS
@@ -246,7 +322,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         with self.locks.hold(make_id(self.namespace, name)):
             source = self._source(request.volume_content_source, size) if request.HasField(
                 "volume_content_source") else None
-            volume = self.store.get(VOLUMES, name) or kube.get(VOLUMES, name, self.namespace)
+            volume = self.store.get(VOLUMES, name) or self.api.get(VOLUMES, name, self.namespace)
             if volume is not None:
                 self._check_same_volume(volume, request.name, size, profile_name, source)
             else:
@@ -293,44 +369,61 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 "metadata": {"name": name, "annotations": annotations, "labels": MANAGED_BY_CSI},
                 "spec": spec}
         try:
-            created = kube.create(VOLUMES, body, self.namespace)
+            created = self.api.create(VOLUMES, body, self.namespace)
         except ApiException as e:
             if e.status == 409:  # made meanwhile by another controller replica: the next retry compares it
-                raise AlreadyExists(f"volume {request.name} is being created concurrently; retry") from e
+                raise Aborted(f"volume {request.name} is being created concurrently; retry") from e
             raise
         self.store.put(VOLUMES, created)
         return created
 
     def _wait_available(self, volume: Obj, context: grpc.ServicerContext) -> Obj:
         name, uid = volume["metadata"]["name"], volume["metadata"]["uid"]
-        failure: list[tuple[type[Exception], str]] = []
+        failure: list[CsiError] = []
 
         def done(obj: Obj | None) -> bool:
             if obj is None or obj["metadata"]["uid"] != uid:
-                failure.append((NotFound, f"volume {name} was deleted while being created"))
+                failure.append(NotFound(f"volume {name} was deleted while being created"))
                 return True
-            status = obj.get("status") or {}
-            if status.get("phase") == AVAILABLE:
+            if (obj.get("status") or {}).get("phase") == AVAILABLE:
                 return True
-            scheduled = _condition(obj, SCHEDULED)
-            if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-                failure.append((ResourceExhausted, scheduled.get("message", "no pool fits")))
-                return True
-            if status.get("phase") == ERROR:
-                ready = _condition(obj, "Ready") or {}
-                failure.append((ResourceExhausted, f"backend failed: {ready.get('message', 'unknown error')}"))
+            error = recorded_failure(obj)
+            if error is not None:
+                failure.append(error)
                 return True
             return False
 
-        result = self.store.wait_for(VOLUMES, name, done, self._timeout(context), f"volume {name} to be Available")
+        result = self._wait(VOLUMES, name, done, context, f"volume {name} to be Available")
         if failure:
-            kind, message = failure[0]
-            # A final error must leave nothing behind: the CO may retry elsewhere (another node
-            # for WaitForFirstConsumer) with the same name, and must not find this attempt.
-            kube.delete(VOLUMES, name, self.namespace)
-            raise kind(message)
+            error = failure[0]
+            current = self.store.get(VOLUMES, name)
+            if current is not None and self._nothing_made(current):
+                # A final error must leave nothing behind: the CO may retry elsewhere (another node
+                # for WaitForFirstConsumer) with the same name, and must not find this attempt.
+                self.api.delete(VOLUMES, name, self.namespace)
+            raise error
         assert result is not None
         return result
+
+    @staticmethod
+    def _nothing_made(obj: Obj) -> bool:
+        """True when no backend object can exist for this CR: it is safe to delete on a final error.
+
+        A CR whose backend object was made once (an ID in status, or BackendObjectMissing) is
+        kept: deleting it would let a later orphan sweep remove data that may come back (a disk
+        not mounted yet), and a human must decide."""
+        status = obj.get("status") or {}
+        return not (status.get("backendVolumeID") or status.get("backendSnapshotID")
+                    or status.get("code") == CODE_BACKEND_OBJECT_MISSING
+                    or any(c.get("reason") == CODE_BACKEND_OBJECT_MISSING for c in status.get("conditions") or []))
+
+    def _wait(self, plural: str, name: str, done: Callable[[Obj | None], bool], context: grpc.ServicerContext,
+              what: str) -> Obj | None:
+        """store.wait_for bounded by the caller's deadline; a timeout says what the CR last reported."""
+        try:
+            return self.store.wait_for(plural, name, done, self._timeout(context), what)
+        except DeadlineExceeded as e:
+            raise DeadlineExceeded(e.message + _transient_note(self.store.get(plural, name))) from None
 
     def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest,
                      context: grpc.ServicerContext) -> csi_pb2.DeleteVolumeResponse:
@@ -348,7 +441,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise FailedPrecondition(f"volume {request.volume_id} is still published to "
                                          f"{', '.join(volume['spec']['publishedNodes'])}; unpublish it first")
             uid = volume["metadata"]["uid"]
-            kube.delete(VOLUMES, name, namespace)
+            self.api.delete(VOLUMES, name, namespace)
             if namespace == self.namespace:
                 self.store.wait_for(VOLUMES, name, lambda o: o is None or o["metadata"]["uid"] != uid,
                                     self._timeout(context), f"volume {name} to be deleted")
@@ -384,14 +477,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             publish_context=dict((published.get("status") or {}).get("publishContext") or {}))
 
     def _node_registered(self, node_id: str) -> bool:
-        """A node exists for us when its CSINode lists our driver (what node-driver-registrar writes)."""
-        try:
-            csinode = client.StorageV1Api(kube.api_client()).read_csi_node(node_id)
-        except ApiException as e:
-            if e.status == 404:
-                return False
-            raise
-        return any(d.name == DRIVER_NAME and d.node_id == node_id for d in (csinode.spec.drivers or []))
+        """A node exists for us when its CSINode lists our driver (what node-driver-registrar writes).
+
+        A node id that cannot be a node name (it would become part of NQNs, IQNs and configfs
+        paths on the dock) names no node at all."""
+        if not valid_node_name(node_id):
+            return False
+        drivers = self.api.csi_node_ids(node_id)
+        return drivers is not None and drivers.get(DRIVER_NAME) == node_id
 
     def _check_reachable(self, volume: Obj, node_id: str, profile_spec: dict[str, Any]) -> None:
         protocol = profile_spec.get("accessProtocol", "local")
@@ -407,10 +500,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         body = {"metadata": {"resourceVersion": meta["resourceVersion"]},
                 "spec": {"publishedNodes": sorted(set(nodes))}}
         try:
-            updated = kube.patch(VOLUMES, meta["name"], body, meta["namespace"])
+            updated = self.api.patch(VOLUMES, meta["name"], body, meta["namespace"])
         except ApiException as e:
             if e.status == 409:
-                fresh = kube.get(VOLUMES, meta["name"], meta["namespace"])
+                fresh = self.api.get(VOLUMES, meta["name"], meta["namespace"])
                 if fresh is None:
                     raise NotFound(f"volume {meta['name']} was deleted") from e
                 return self._set_published_nodes(fresh, nodes)
@@ -425,13 +518,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if meta["namespace"] != self.namespace:
             raise FailedPrecondition(f"volume {meta['name']} is outside the controller's namespace {self.namespace}")
 
+        generation = int(volume["metadata"].get("generation") or 0)
+
         def done(obj: Obj | None) -> bool:
             if obj is None:
                 raise NotFound(f"volume {meta['name']} was deleted")
-            return exported(obj.get("status") or {})
+            if exported(obj.get("status") or {}):
+                return True
+            if int(obj["metadata"].get("generation") or 0) >= generation:
+                error = recorded_failure(obj)
+                if error is not None:
+                    raise error
+            return False
 
-        result = self.store.wait_for(VOLUMES, meta["name"], done, self._timeout(context),
-                                     f"the dock to update the export of {meta['name']}")
+        result = self._wait(VOLUMES, meta["name"], done, context, f"the dock to update the export of {meta['name']}")
         assert result is not None
         return result
 
@@ -479,7 +579,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         for volume in page:
             profile = volume["spec"]["profile"]
             if profile not in protocols:
-                found = kube.get(PROFILES, profile) or {}
+                found = self.api.get(PROFILES, profile) or {}
                 protocols[profile] = (found.get("spec") or {}).get("accessProtocol", "local")
             entries.append(csi_pb2.ListVolumesResponse.Entry(
                 volume=self._csi_volume(volume, protocols[profile]), status=self._volume_status(volume)))
@@ -548,7 +648,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise NotFound(f"volume {request.volume_id} does not exist")
             meta = volume["metadata"]
             if parse_bytes(volume["spec"]["size"]) < size:
-                volume = kube.patch(VOLUMES, meta["name"], {"spec": {"size": exact_quantity(size)}}, meta["namespace"])
+                volume = self.api.patch(VOLUMES, meta["name"], {"spec": {"size": exact_quantity(size)}},
+                                        meta["namespace"])
                 if meta["namespace"] == self.namespace:
                     self.store.put(VOLUMES, volume)
             grown = self._wait_exported(volume, lambda s: s.get("phase") == AVAILABLE
@@ -576,7 +677,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise InvalidArgument("source_volume_id is required")
         name = cr_name(request.name)
         with self.locks.hold("snapshot:" + make_id(self.namespace, name)):
-            snapshot = self.store.get(SNAPSHOTS, name) or kube.get(SNAPSHOTS, name, self.namespace)
+            snapshot = self.store.get(SNAPSHOTS, name) or self.api.get(SNAPSHOTS, name, self.namespace)
             source = parse_id(request.source_volume_id)
             if snapshot is not None:
                 if (snapshot["metadata"].get("annotations") or {}).get(CSI_NAME_ANNOTATION) != request.name or (
@@ -586,7 +687,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 volume = self._volume(request.source_volume_id)
                 if volume is None or source is None or source[0] != self.namespace:
                     raise NotFound(f"source volume {request.source_volume_id} does not exist")
-                snapshot = kube.create(SNAPSHOTS, {
+                snapshot = self.api.create(SNAPSHOTS, {
                     "apiVersion": "opensds.io/v1alpha1", "kind": "Snapshot",
                     "metadata": {"name": name, "annotations": {CSI_NAME_ANNOTATION: request.name},
                                  "labels": MANAGED_BY_CSI},
@@ -594,12 +695,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 self.store.put(SNAPSHOTS, snapshot)
             uid = snapshot["metadata"]["uid"]
 
+            failure: list[CsiError] = []
+
             def done(obj: Obj | None) -> bool:
                 if obj is None or obj["metadata"]["uid"] != uid:
                     raise NotFound(f"snapshot {name} was deleted while being created")
-                return bool((obj.get("status") or {}).get("readyToUse"))
+                if (obj.get("status") or {}).get("readyToUse"):
+                    return True
+                error = recorded_failure(obj)
+                if error is not None:
+                    failure.append(error)
+                    return True
+                return False
 
-            ready = self.store.wait_for(SNAPSHOTS, name, done, self._timeout(context), f"snapshot {name}")
+            ready = self._wait(SNAPSHOTS, name, done, context, f"snapshot {name}")
+            if failure:
+                if ready is not None and self._nothing_made(ready):
+                    self.api.delete(SNAPSHOTS, name, self.namespace)
+                raise failure[0]
             assert ready is not None
         return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(ready))
 
@@ -612,11 +725,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             return csi_pb2.DeleteSnapshotResponse()
         name = parsed[1]
         with self.locks.hold("snapshot:" + make_id(self.namespace, name)):
-            snapshot = self.store.get(SNAPSHOTS, name) or kube.get(SNAPSHOTS, name, self.namespace)
+            snapshot = self.store.get(SNAPSHOTS, name) or self.api.get(SNAPSHOTS, name, self.namespace)
             if snapshot is None:
                 return csi_pb2.DeleteSnapshotResponse()
             uid = snapshot["metadata"]["uid"]
-            kube.delete(SNAPSHOTS, name, self.namespace)
+            self.api.delete(SNAPSHOTS, name, self.namespace)
             self.store.wait_for(SNAPSHOTS, name, lambda o: o is None or o["metadata"]["uid"] != uid,
                                 self._timeout(context), f"snapshot {name} to be deleted")
         return csi_pb2.DeleteSnapshotResponse()
@@ -626,7 +739,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.snapshot_id:
             raise InvalidArgument("snapshot_id is required")
         parsed = parse_id(request.snapshot_id)
-        snapshot = kube.get(SNAPSHOTS, parsed[1], parsed[0]) if parsed else None
+        snapshot = self.api.get(SNAPSHOTS, parsed[1], parsed[0]) if parsed else None
         if snapshot is None:
             raise NotFound(f"snapshot {request.snapshot_id} does not exist")
         return csi_pb2.GetSnapshotResponse(snapshot=self._csi_snapshot(snapshot))

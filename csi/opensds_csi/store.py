@@ -3,6 +3,11 @@
 The controller turns each CSI call into a CR write and then waits for the operator and
 dock to report the outcome in status. Waiting on one shared watch per resource (instead of
 polling each object) keeps 200 concurrent CreateVolume calls at two API connections.
+
+Every request has a timeout: a list gives up after LIST_TIMEOUT, and a watch asks the server
+to end it after `watch_timeout` seconds and gives up reading after `watch_timeout` + a grace
+period of silence, so a wedged connection (an apiserver restarted behind a NAT, a dropped
+TCP session) reconnects instead of leaving every waiting CSI call to time out.
 """
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kubernetes import watch
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from opensds_operator import kube
 from opensds_operator.api import GROUP, SNAPSHOTS, VERSION, VOLUMES
@@ -23,6 +29,8 @@ from .errors import DeadlineExceeded
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 Predicate = Callable[[Obj | None], bool]
+LIST_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds
+WATCH_GRACE = 15.0  # silence beyond the server-side watch timeout that means the connection is wedged
 
 
 def _rv(obj: Obj) -> int:
@@ -35,8 +43,11 @@ def _rv(obj: Obj) -> int:
 class ObjectStore:
     PLURALS = (VOLUMES, SNAPSHOTS)
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, api: client.CustomObjectsApi | None = None,
+                 watch_timeout: float = 120.0) -> None:
         self.namespace = namespace
+        self._api = api
+        self.watch_timeout = watch_timeout
         self._items: dict[str, dict[str, Obj]] = {plural: {} for plural in self.PLURALS}
         self._cond = threading.Condition()
         self._synced = {plural: threading.Event() for plural in self.PLURALS}
@@ -108,8 +119,13 @@ class ObjectStore:
         deadline = time.monotonic() + timeout
         return all(event.wait(max(deadline - time.monotonic(), 0)) for event in self._synced.values())
 
+    @property
+    def api(self) -> client.CustomObjectsApi:
+        return self._api or kube.custom()
+
     def _relist(self, plural: str) -> str:
-        result = kube.custom().list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural)
+        result = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural,
+                                                        _request_timeout=LIST_TIMEOUT)
         fresh = {item["metadata"]["name"]: item for item in result.get("items", [])}
         with self._cond:
             self._items[plural] = fresh
@@ -126,8 +142,10 @@ class ObjectStore:
                 if rv is None:
                     rv = self._relist(plural)
                 stream = watch.Watch().stream(
-                    kube.custom().list_namespaced_custom_object, GROUP, VERSION, self.namespace, plural,
-                    resource_version=rv, timeout_seconds=300, allow_watch_bookmarks=True)
+                    self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, plural,
+                    resource_version=rv, timeout_seconds=max(int(self.watch_timeout), 1),
+                    allow_watch_bookmarks=True,
+                    _request_timeout=(LIST_TIMEOUT[0], self.watch_timeout + WATCH_GRACE))
                 for event in stream:
                     obj = event["object"]
                     if event["type"] == "ERROR":
@@ -137,6 +155,9 @@ class ObjectStore:
                     rv = obj["metadata"]["resourceVersion"]
                     if event["type"] != "BOOKMARK":
                         self._apply(plural, event["type"], obj)
+            except (ReadTimeoutError, ProtocolError) as e:
+                # Silent past the server's own timeout, or cut mid-stream: resume from the last version.
+                log.warning("watch of %s stalled or broke (%s); reconnecting", plural, type(e).__name__)
             except ApiException as e:
                 log.warning("watch of %s failed: %s; relisting", plural, e.reason)
                 rv = None

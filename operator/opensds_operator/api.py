@@ -40,6 +40,9 @@ PENDING, CREATING, AVAILABLE, EXPANDING, DELETING, ERROR = (
 )
 TRANSITIONAL_PHASES = frozenset({PENDING, CREATING, EXPANDING, DELETING})
 
+# The largest Volume spec.size (1Pi): the CRD rejects more, the CSI controller answers OUT_OF_RANGE.
+MAX_VOLUME_BYTES = 2**50
+
 # Condition types
 READY = "Ready"
 SCHEDULED = "Scheduled"
