@@ -44,10 +44,11 @@ class ObjectStore:
     PLURALS = (VOLUMES, SNAPSHOTS)
 
     def __init__(self, namespace: str, api: client.CustomObjectsApi | None = None,
-                 watch_timeout: float = 120.0) -> None:
+                 watch_timeout: float = 120.0, watch_grace: float = WATCH_GRACE) -> None:
         self.namespace = namespace
         self._api = api
         self.watch_timeout = watch_timeout
+        self.watch_grace = watch_grace
         self._items: dict[str, dict[str, Obj]] = {plural: {} for plural in self.PLURALS}
         self._cond = threading.Condition()
         self._synced = {plural: threading.Event() for plural in self.PLURALS}
@@ -145,7 +146,7 @@ class ObjectStore:
                     self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, plural,
                     resource_version=rv, timeout_seconds=max(int(self.watch_timeout), 1),
                     allow_watch_bookmarks=True,
-                    _request_timeout=(LIST_TIMEOUT[0], self.watch_timeout + WATCH_GRACE))
+                    _request_timeout=(LIST_TIMEOUT[0], self.watch_timeout + self.watch_grace))
                 for event in stream:
                     obj = event["object"]
                     if event["type"] == "ERROR":
