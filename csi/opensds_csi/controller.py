@@ -41,6 +41,8 @@ from opensds_operator.api import (
     READY,
     SCHEDULED,
     SNAPSHOTS,
+    VC_ACCESS_PROTOCOL,
+    VC_VOLUME_UID,
     VOLUMES,
     valid_node_name,
 )
@@ -265,7 +267,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             volume_id=make_id(meta["namespace"], meta["name"]),
             capacity_bytes=int(status.get("capacityBytes") or parse_bytes(spec["size"])),
             volume_context={"profile": spec["profile"], "backend": spec.get("backend", ""),
-                            "pool": spec.get("pool", "")},
+                            "pool": spec.get("pool", ""), VC_ACCESS_PROTOCOL: protocol,
+                            VC_VOLUME_UID: meta["uid"]},
             content_source=content,
             accessible_topology=self._accessible_topology(volume, protocol),
         )

@@ -76,6 +76,12 @@ CTX_SERIAL = "serial"         # iscsi unit serial (the Volume's UID)
 CTX_AUTH = "auth"             # dhchap, dhchap-bidirectional, chap, chap-mutual; absent: none
 CTX_POOL, CTX_IMAGE, CTX_MONITORS = "pool", "image", "monitors"  # rbd
 
+# ---------------------------------------------------------------- volume_context
+# Written by the CSI controller at CreateVolume (kept in the PV), read by the node to check that
+# publish_context names this very volume (its UID) through its profile's transport.
+VC_ACCESS_PROTOCOL = "accessProtocol"
+VC_VOLUME_UID = "volumeUID"
+
 # ---------------------------------------------------------------- node-stage Secret keys
 # The Secret a profile names in nodeStageSecretRef: kubelet hands it to the node (NodeStage
 # secrets) and the dock reads the same Secret to configure the target.
