@@ -46,13 +46,15 @@ def build(args: argparse.Namespace) -> grpc.Server:
     if args.role in ("node", "all"):
         from opensds_operator.api import NODE_TOPOLOGY_KEY
 
+        from .connectors import DEFAULT_LOCAL_ROOTS
         from .node import NodeService
 
         if not args.node_id:
             raise SystemExit("--node-id (or $NODE_NAME) is required for the node role")
         topology = {NODE_TOPOLOGY_KEY: args.node_id, **_topology(args.topology)}
         csi_pb2_grpc.add_NodeServicer_to_server(
-            NodeService(args.node_id, topology, args.state_dir, args.max_volumes), server)
+            NodeService(args.node_id, topology, args.state_dir, args.max_volumes,
+                        local_roots=args.local_root or list(DEFAULT_LOCAL_ROOTS)), server)
     ready = (lambda: store.synced) if args.role != "node" else (lambda: True)
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(ready, controller=args.role != "node"), server)
     return server
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-volumes", type=int, default=0, help="node: volumes per node (0: no limit)")
     parser.add_argument("--topology", action="append", default=[], metavar="KEY=VALUE",
                         help="node: extra topology labels this node reports (e.g. a zone)")
+    parser.add_argument("--local-root", action="append", default=[], metavar="DIR",
+                        help="node, repeatable: where `local` volumes may live: file backend directories (images "
+                             "vol-<uid>.img below them) and /dev/<vg> of LVM backends (or /dev for every VG); "
+                             "default /var/lib/opensds. publish_context paths elsewhere are refused")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

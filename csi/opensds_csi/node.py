@@ -2,24 +2,32 @@
 
 Every call is idempotent against the state recorded in `nodestate`, because kubelet repeats
 calls after timeouts and plugin restarts. The node needs no Kubernetes API access: all it
-must know arrives in publish_context (written by the dock, passed on by the attacher).
+must know arrives in publish_context (written by the dock, passed on by the attacher) and
+volume_context (written by the controller at CreateVolume, kept in the PV).
+
+Neither is trusted blindly: the transport must be the volume's profile's accessProtocol and
+the object publish_context names must carry the volume's UID (connectors check the rest, see
+connectors/base.py). A device is formatted only when it is provably blank (mounts.py).
+NodeGetVolumeStats never blocks a gRPC worker on a dead mount, and an unreadable state
+record never blocks NodeUnstage.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
 
+from opensds_operator.api import CTX_TRANSPORT, VC_ACCESS_PROTOCOL, VC_VOLUME_UID
 from opensds_operator.qos import IoLimits
 
 from . import iolimits, mounts
-from .connectors import Connectors
+from .connectors import DEFAULT_LOCAL_ROOTS, Connector, Connectors
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .locks import KeyLocks
-from .nodestate import NodeState, StagedVolume
+from .nodestate import CorruptState, NodeState, StagedVolume
 from .proto import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,16 +52,50 @@ def _require(**fields: str) -> None:
             raise InvalidArgument(f"{name} is required")
 
 
+def checked_connector(connectors: Connectors, volume_id: str, publish_context: Mapping[str, str],
+                      volume_context: Mapping[str, str]) -> tuple[str, Connector]:
+    """The transport and connector for a volume, once publish_context is consistent with it.
+
+    The transport must be the profile's accessProtocol and the volume UID the context names
+    (a vol-<uid> path or image, a namespace UUID, a unit serial) the one the controller
+    recorded, when volume_context carries them (PVs made before they were recorded do not).
+    """
+    transport = publish_context.get(CTX_TRANSPORT)
+    if not transport:
+        raise InvalidArgument(f"publish_context of {volume_id} names no {CTX_TRANSPORT!r}")
+    connector = connectors.get(transport)
+    protocol = volume_context.get(VC_ACCESS_PROTOCOL)
+    if protocol and protocol != transport:
+        raise FailedPrecondition(f"publish_context of {volume_id} asks for transport {transport}, but the volume's "
+                                 f"profile uses accessProtocol {protocol}; refusing it")
+    uid = connector.volume_uid(volume_id, publish_context)
+    expected = volume_context.get(VC_VOLUME_UID)
+    if expected and uid != expected:
+        raise FailedPrecondition(f"publish_context of {volume_id} names volume {uid}, but the volume is {expected}; "
+                                 f"refusing it")
+    if not expected or not protocol:
+        log.info("volume %s: volume_context has no %s/%s (made before they were recorded); checked the "
+                 "publish_context on its own", volume_id, VC_VOLUME_UID, VC_ACCESS_PROTOCOL)
+    return transport, connector
+
+
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, topology: Mapping[str, str], state_dir: str, max_volumes: int = 0,
-                 cgroup_root: Path = iolimits.CGROUP_ROOT) -> None:
+                 cgroup_root: Path = iolimits.CGROUP_ROOT, local_roots: Sequence[str] = DEFAULT_LOCAL_ROOTS) -> None:
         self.node_id = node_id
         self.cgroup_root = cgroup_root
         self.topology = dict(topology)
         self.max_volumes = max_volumes
         self.state = NodeState(state_dir)
         self.locks = KeyLocks()
-        self.connectors = Connectors(node_id)
+        self.connectors = Connectors(node_id, local_roots)
+
+    def _record(self, volume_id: str) -> StagedVolume | None:
+        """The node's record of a volume; an unreadable one is FailedPrecondition (never a crash)."""
+        try:
+            return self.state.get(volume_id)
+        except CorruptState as e:
+            raise FailedPrecondition(f"{e}; NodeUnstageVolume sets it aside") from e
 
     # ------------------------------------------------------------ stage
 
@@ -69,13 +111,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         flags = list(request.volume_capability.mount.mount_flags) if access == "mount" else []
         staging = os.path.realpath(request.staging_target_path)
         with self.locks.hold(request.volume_id):
-            known = self.state.get(request.volume_id)
+            transport, connector = checked_connector(self.connectors, request.volume_id, request.publish_context,
+                                                     request.volume_context)
+            try:
+                known = self.state.get(request.volume_id)
+            except CorruptState as e:  # attach is idempotent: the same device is found again
+                log.error("%s; set aside as %s, staging afresh", e, self.state.set_aside(request.volume_id))
+                known = None
             if known is not None and known.staging_path != staging:
                 raise AlreadyExists(f"volume {request.volume_id} is already staged at {known.staging_path}")
             if known is not None and known.access_type != access:
                 raise AlreadyExists(f"volume {request.volume_id} is already staged for {known.access_type} access")
-            transport = request.publish_context.get("transport", "local")
-            connector = self.connectors.get(transport)
             device = connector.attach(request.volume_id, request.publish_context, request.secrets)
             volume = StagedVolume(
                 volume_id=request.volume_id, transport=transport, context=dict(request.publish_context),
@@ -83,7 +129,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 targets=known.targets if known else {})
             self.state.save(volume)  # before mounting: an unstage after a crash here still detaches
             if access == "mount":
-                self._mount_staged(volume)
+                try:
+                    self._mount_staged(volume)
+                except FailedPrecondition:
+                    if known is None:  # refused (e.g. not blank): leave nothing attached behind
+                        connector.detach(volume.volume_id, volume.context, volume.device)
+                        self.state.remove(volume.volume_id)
+                    raise
         return csi_pb2.NodeStageVolumeResponse()
 
     @staticmethod
@@ -109,12 +161,30 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                           context: grpc.ServicerContext) -> csi_pb2.NodeUnstageVolumeResponse:
         _require(volume_id=request.volume_id, staging_target_path=request.staging_target_path)
         with self.locks.hold(request.volume_id):
+            current = mounts.mount_at(request.staging_target_path)
             mounts.unmount(request.staging_target_path)
-            volume = self.state.get(request.volume_id)
+            try:
+                volume = self.state.get(request.volume_id)
+            except CorruptState as e:
+                log.error("%s; unstaging from what the mount table and the devices say", e)
+                self._release_unrecorded(request.volume_id, current.source if current else None)
+                log.error("record of %s kept for inspection as %s", request.volume_id,
+                          self.state.set_aside(request.volume_id))
+                return csi_pb2.NodeUnstageVolumeResponse()
             if volume is not None:
                 self.connectors.get(volume.transport).detach(volume.volume_id, volume.context, volume.device)
                 self.state.remove(request.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
+
+    def _release_unrecorded(self, volume_id: str, device: str | None) -> None:
+        """Detach the device that was mounted at the staging path, identified from sysfs."""
+        context = self.connectors.identify(device) if device else None
+        if context is None:
+            log.error("volume %s: cannot tell which device to detach (staging path held %s); it stays attached "
+                      "until an operator detaches it", volume_id, device or "nothing")
+            return
+        self.connectors.get(context[CTX_TRANSPORT]).detach(volume_id, context, device)
+        log.warning("volume %s: detached %s (%s) from what sysfs says", volume_id, device, context[CTX_TRANSPORT])
 
     # ------------------------------------------------------------ publish
 
@@ -128,7 +198,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         read_only = request.readonly or request.volume_capability.access_mode.mode in READ_ONLY_MODES
         target = request.target_path
         with self.locks.hold(request.volume_id):
-            volume = self.state.get(request.volume_id)
+            volume = self._record(request.volume_id)
             if volume is None or volume.staging_path != os.path.realpath(request.staging_target_path):
                 raise FailedPrecondition(f"volume {request.volume_id} is not staged at "
                                          f"{request.staging_target_path}; NodeStageVolume first")
@@ -187,7 +257,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 path.rmdir()
             elif path.exists():
                 path.unlink()
-            volume = self.state.get(request.volume_id)
+            try:
+                volume = self.state.get(request.volume_id)
+            except CorruptState as e:  # the target is unmounted and gone: that is all this call owes
+                log.error("%s; NodeUnstageVolume sets it aside", e)
+                volume = None
             if volume is not None:
                 cgroup = volume.throttled.pop(os.path.realpath(target), None)
                 if cgroup:
@@ -198,33 +272,50 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # ------------------------------------------------------------ stats and growth
 
-    def _staged_at(self, volume_id: str, path: str) -> StagedVolume:
-        volume = self.state.get(volume_id)
+    def _recorded_at(self, volume_id: str, path: str) -> StagedVolume:
+        volume = self._record(volume_id)
         if volume is None:
             raise NotFound(f"volume {volume_id} is not staged on node {self.node_id}")
-        if os.path.realpath(path) not in volume.paths() or not os.path.exists(path):
+        if os.path.normpath(path) not in volume.paths() and os.path.realpath(path) not in volume.paths():
+            raise NotFound(f"volume {volume_id} is not at {path}")
+        return volume
+
+    def _staged_at(self, volume_id: str, path: str) -> StagedVolume:
+        volume = self._recorded_at(volume_id, path)
+        if not os.path.exists(path):
             raise NotFound(f"volume {volume_id} is not at {path}")
         return volume
 
     def NodeGetVolumeStats(self, request: csi_pb2.NodeGetVolumeStatsRequest,
                            context: grpc.ServicerContext) -> csi_pb2.NodeGetVolumeStatsResponse:
+        """Usage and condition; every look at the path or device is bounded (a dead mount answers abnormal)."""
         _require(volume_id=request.volume_id, volume_path=request.volume_path)
-        volume = self._staged_at(request.volume_id, request.volume_path)
-        problem = self._problem(volume, request.volume_path)
-        condition = csi_pb2.VolumeCondition(abnormal=problem is not None, message=problem or "healthy")
+        path = request.volume_path
+        volume = self._recorded_at(request.volume_id, path)
+        exists = mounts.bounded(f"exists:{path}", lambda: os.path.exists(path))
+        if exists is False:
+            raise NotFound(f"volume {request.volume_id} is not at {path}")
+        problem = self._problem(volume, path) if exists else f"{path} does not answer (a dead mount?)"
         usage: list[csi_pb2.VolumeUsage] = []
         if problem is None and volume.access_type == "block":
-            usage.append(csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES,
-                                             total=mounts.block_device_size(volume.device)))
+            size = mounts.bounded(f"size:{volume.device}", lambda: mounts.block_device_size(volume.device))
+            if size is None:
+                problem = f"device {volume.device} does not answer"
+            else:
+                usage.append(csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=size))
         elif problem is None:
-            st = os.statvfs(request.volume_path)
-            usage += [
-                csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=st.f_blocks * st.f_frsize,
-                                    available=st.f_bavail * st.f_frsize,
-                                    used=(st.f_blocks - st.f_bfree) * st.f_frsize),
-                csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.INODES, total=st.f_files, available=st.f_favail,
-                                    used=st.f_files - st.f_ffree),
-            ]
+            st = mounts.statvfs(path)
+            if st is None:
+                problem = f"the filesystem at {path} does not answer within {mounts.STATS_TIMEOUT:g} s (a dead mount?)"
+            else:
+                usage += [
+                    csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=st.f_blocks * st.f_frsize,
+                                        available=st.f_bavail * st.f_frsize,
+                                        used=(st.f_blocks - st.f_bfree) * st.f_frsize),
+                    csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.INODES, total=st.f_files, available=st.f_favail,
+                                        used=st.f_files - st.f_ffree),
+                ]
+        condition = csi_pb2.VolumeCondition(abnormal=problem is not None, message=problem or "healthy")
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
     @staticmethod

@@ -28,7 +28,9 @@ class Node:
         WORK.mkdir(parents=True, exist_ok=True)
         endpoint = f"unix://{WORK}/{node_id}.sock"
         self.server = build_server(endpoint, max_workers=4)
-        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(node_id, {}, str(WORK / f"{node_id}-state")), self.server)
+        # Local roots: the file backends tests make under /run (tmpfs in the VM).
+        service = NodeService(node_id, {}, str(WORK / f"{node_id}-state"), local_roots=["/run"])
+        csi_pb2_grpc.add_NodeServicer_to_server(service, self.server)
         self.server.start()
         self.channel = grpc.insecure_channel(endpoint)
         self.stub = csi_pb2_grpc.NodeStub(self.channel)

@@ -1,15 +1,21 @@
 """The CSI node plugin on this host's real loop devices, mounts and filesystems, over its socket.
 
 No cluster needed: publish_context is what the dock writes for the file backend
-({"transport": "local", "path": <backing file>}), so a sparse file stands in for a volume.
+({"transport": "local", "path": <root>/volumes/vol-<uid>.img}), so a sparse file stands in for a
+volume; the plugin's local root is the test's directory.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +48,9 @@ class Node:
     def __init__(self, tmp: Path, state: Path) -> None:
         self.endpoint = f"unix://{tmp}/node-{len(list(tmp.glob('node-*.sock')))}.sock"
         self.server = build_server(self.endpoint, max_workers=4)
-        csi_pb2_grpc.add_NodeServicer_to_server(
-            NodeService("node-1", {"topology.block.csi.opensds.io/node": "node-1"}, str(state)), self.server)
+        self.service = NodeService("node-1", {"topology.block.csi.opensds.io/node": "node-1"}, str(state),
+                                   local_roots=[str(tmp / "backend")])
+        csi_pb2_grpc.add_NodeServicer_to_server(self.service, self.server)
         self.server.start()
         self.channel = grpc.insecure_channel(self.endpoint)
         self.stub = csi_pb2_grpc.NodeStub(self.channel)
@@ -56,18 +63,23 @@ class Node:
 class Volume:
     def __init__(self, tmp: Path, name: str, size: int) -> None:
         self.id = f"opensds-system/{name}"
-        self.file = tmp / f"{name}.img"
+        self.uid = str(uuid.uuid4())
+        self.file = tmp / "backend" / "volumes" / f"vol-{self.uid}.img"  # the file driver's layout
+        self.file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.file, "wb") as f:
             f.truncate(size)
         self.context = {"transport": "local", "path": str(self.file)}
+        self.volume_context = {"accessProtocol": "local", "volumeUID": self.uid}
         self.staging = tmp / f"{name}-staging"
         self.target = tmp / f"{name}-target"
 
-    def stage(self, node: Node, cap: csi_pb2.VolumeCapability) -> None:
+    def stage(self, node: Node, cap: csi_pb2.VolumeCapability, context: dict[str, str] | None = None,
+              volume_context: dict[str, str] | None = None) -> None:
         self.staging.mkdir(exist_ok=True)
         node.stub.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-            volume_id=self.id, publish_context=self.context, staging_target_path=str(self.staging),
-            volume_capability=cap))
+            volume_id=self.id, publish_context=self.context if context is None else context,
+            staging_target_path=str(self.staging), volume_capability=cap,
+            volume_context=self.volume_context if volume_context is None else volume_context))
 
     def publish(self, node: Node, cap: csi_pb2.VolumeCapability, readonly: bool = False) -> None:
         node.stub.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
@@ -96,7 +108,7 @@ def env(tmp_path: Path) -> Iterator[tuple[Node, Path]]:
     node.close()
     for target in sorted((m for m in mounts() if m.startswith(str(tmp_path))), reverse=True):
         subprocess.run(["umount", "-l", target], check=False)
-    for image in tmp_path.glob("*.img"):
+    for image in [*tmp_path.glob("**/*.img"), *tmp_path.glob("**/shadow")]:
         for loop in loops_of(image):
             subprocess.run(["losetup", "-d", loop], check=False)
 
@@ -228,6 +240,125 @@ def test_a_restarted_plugin_restages_idempotently(env: tuple[Node, Path]) -> Non
         volume.unstage(again)
     finally:
         again.close()
+
+
+def _digest(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def _refused(call: Callable[[], Any]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value
+
+
+@pytest.mark.skipif(not shutil.which("parted"), reason="needs parted")
+def test_a_loop_device_holding_a_partition_table_is_refused_and_its_bytes_left_untouched(
+        env: tuple[Node, Path]) -> None:
+    node, tmp = env
+    volume = Volume(tmp, "parted", 64 * MIB)
+    subprocess.run(["parted", "-s", str(volume.file), "mklabel", "gpt", "mkpart", "data", "1MiB", "63MiB"],
+                   check=True, capture_output=True)
+    with open(volume.file, "r+b") as f:  # someone's data inside the partition
+        f.seek(8 * MIB)
+        f.write(os.urandom(MIB))
+    before = _digest(volume.file)
+    refused = _refused(lambda: volume.stage(node, capability("ext4")))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "partition table (PTTYPE=gpt)" in (refused.details() or "")
+    assert _digest(volume.file) == before
+    assert loops_of(volume.file) == [] and str(volume.staging) not in mounts()  # nothing left attached
+
+
+def test_a_device_with_data_but_no_signature_is_refused_not_formatted(env: tuple[Node, Path]) -> None:
+    node, tmp = env
+    volume = Volume(tmp, "unknown", 16 * MIB)
+    with open(volume.file, "r+b") as f:  # bytes blkid has no name for, in the last MiB
+        f.seek(15 * MIB + 4096)
+        f.write(b"\x5a" * 4096)
+    before = _digest(volume.file)
+    refused = _refused(lambda: volume.stage(node, capability("ext4")))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION and "holds data" in (refused.details() or "")
+    assert _digest(volume.file) == before and loops_of(volume.file) == []
+
+
+def test_publish_context_naming_anything_but_this_volume_is_refused_before_attaching(
+        env: tuple[Node, Path]) -> None:
+    node, tmp = env
+    volume, other = Volume(tmp, "trusted", 16 * MIB), Volume(tmp, "other", 16 * MIB)
+    decoy = tmp / "etc" / "shadow"  # a host file (a decoy: the real one is never risked)
+    decoy.parent.mkdir()
+    decoy.write_text("root:$6$secret-hash:19000:0:99999:7:::\n" * 200)
+    decoy.chmod(0o640)
+    link = volume.file.parent / f"vol-{uuid.uuid4()}.img"
+    link.symlink_to(decoy)  # a vol-<uid>.img name inside the root, pointing out of it
+    outside = tmp / "elsewhere" / f"vol-{volume.uid}.img"  # the right name outside the roots
+    outside.parent.mkdir()
+    outside.write_bytes(bytes(MIB))
+    cases: list[tuple[dict[str, str], dict[str, str], grpc.StatusCode]] = [
+        ({"transport": "local", "path": str(decoy)}, {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"transport": "local", "path": str(link)}, {}, grpc.StatusCode.FAILED_PRECONDITION),
+        ({"transport": "local", "path": str(outside)}, {}, grpc.StatusCode.FAILED_PRECONDITION),
+        (other.context, volume.volume_context, grpc.StatusCode.FAILED_PRECONDITION),  # another volume's image
+        (volume.context, {**volume.volume_context, "accessProtocol": "iscsi"}, grpc.StatusCode.FAILED_PRECONDITION),
+        ({"transport": "nvmeof-tcp", "nqn": "nqn.2014-08.org.example:host-boot", "addresses": "127.0.0.1:4420",
+          "uuid": ""}, {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"transport": "iscsi", "iqn": "iqn.2003-01.org.example:host", "portals": "127.0.0.1:3260", "serial": ""},
+         {}, grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for context, volume_context, code in cases:
+        refused = _refused(lambda c=context, v=volume_context: volume.stage(node, capability(None), c, v))
+        assert refused.code() == code, (context, refused.details())
+    assert loops_of(decoy) == [] and loops_of(outside) == [] and loops_of(other.file) == []
+    volume.stage(node, capability(None))  # its own context is accepted
+    assert len(loops_of(volume.file)) == 1
+    volume.unstage(node)
+
+
+def test_a_corrupt_state_record_does_not_block_unstage(env: tuple[Node, Path]) -> None:
+    node, tmp = env
+    volume = Volume(tmp, "corrupt", 64 * MIB)
+    volume.stage(node, capability("ext4"))
+    (volume.staging / "kept").write_bytes(b"data")
+    (record,) = (tmp / "state").glob("*.json")
+    record.write_text('{"volume_id": "opensds-system/corrupt", "transp')  # a torn or damaged record
+    volume.unstage(node)
+    assert loops_of(volume.file) == [] and str(volume.staging) not in mounts()
+    assert [p.suffix for p in (tmp / "state").iterdir()] == [".corrupt"]  # kept for a human
+    volume.stage(node, capability("ext4"))
+    assert (volume.staging / "kept").read_bytes() == b"data"
+    volume.unstage(node)
+
+
+def test_stats_of_a_filesystem_that_stops_answering_are_abnormal_and_tie_up_no_workers(
+        env: tuple[Node, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    node, tmp = env
+    volume = Volume(tmp, "dead", 64 * MIB)
+    volume.stage(node, capability("ext4"))
+    volume.publish(node, capability("ext4"))
+    release, real = threading.Event(), os.statvfs
+
+    def hanging(path: Any) -> os.statvfs_result:  # a dead mount: statfs never returns
+        if os.fspath(path) == str(volume.target):
+            release.wait()
+        return real(path)
+
+    monkeypatch.setattr("opensds_csi.mounts.STATS_TIMEOUT", 1.0)
+    monkeypatch.setattr(os, "statvfs", hanging)
+    request = csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume.id, volume_path=str(volume.target))
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(8) as pool:  # twice the server's 4 workers
+            answers = list(pool.map(lambda _: node.stub.NodeGetVolumeStats(request, timeout=15), range(8)))
+        assert time.monotonic() - started < 8
+        assert all(a.volume_condition.abnormal and "does not answer" in a.volume_condition.message for a in answers)
+        healthy = node.stub.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+            volume_id=volume.id, volume_path=str(volume.staging)), timeout=15)  # the pool still serves
+        assert not healthy.volume_condition.abnormal
+    finally:
+        release.set()
+    volume.unpublish(node)
+    volume.unstage(node)
 
 
 def test_missing_arguments_are_invalid(env: tuple[Node, Path]) -> None:

@@ -16,9 +16,19 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from opensds_operator.api import (
+    CTX_IMAGE,
+    CTX_MONITORS,
+    CTX_POOL,
+    CTX_TRANSPORT,
+    RBD_USER_ID,
+    RBD_USER_KEY,
+    volume_backend_id,
+)
+
 from ..errors import FailedPrecondition, InvalidArgument
 from ..run import CommandFailed, run
-from .base import sys_block
+from .base import context_field, require_uid, sys_block
 
 KEY_DIR = "/run/opensds"  # tmpfs: a key file never reaches a disk
 
@@ -44,21 +54,27 @@ def _key_file(key: str) -> Iterator[str]:
 
 
 class RbdConnector:
-    @staticmethod
-    def _fields(volume_id: str, context: Mapping[str, str]) -> tuple[str, str, str]:
-        try:
-            return context["pool"], context["image"], context["monitors"]
-        except KeyError as e:
-            raise InvalidArgument(f"publish_context of {volume_id} lacks {e.args[0]!r}") from None
+    def volume_uid(self, volume_id: str, context: Mapping[str, str]) -> str:
+        image = context_field(volume_id, context, CTX_IMAGE)
+        uid = require_uid(volume_id, "image", image.removeprefix("vol-"))
+        if image != volume_backend_id(uid):
+            raise InvalidArgument(f"publish_context of {volume_id}: image {image!r} is not named vol-<uid>")
+        return uid
+
+    def _fields(self, volume_id: str, context: Mapping[str, str]) -> tuple[str, str, str]:
+        self.volume_uid(volume_id, context)
+        return (context_field(volume_id, context, CTX_POOL), context[CTX_IMAGE],
+                context_field(volume_id, context, CTX_MONITORS))
 
     def attach(self, volume_id: str, context: Mapping[str, str], secrets: Mapping[str, str]) -> str:
         pool, image, monitors = self._fields(volume_id, context)
         existing = mapped_device(pool, image)
         if existing:
             return existing
-        user, key = secrets.get("userID"), secrets.get("userKey")
+        user, key = secrets.get(RBD_USER_ID), secrets.get(RBD_USER_KEY)
         if not user or not key:
-            raise InvalidArgument(f"volume {volume_id} is an RBD image: node-stage secrets need userID and userKey "
+            raise InvalidArgument(f"volume {volume_id} is an RBD image: node-stage secrets need {RBD_USER_ID} and "
+                                  f"{RBD_USER_KEY} "
                                   f"(set the StorageProfile's nodeStageSecretRef)")
         with _key_file(key) as key_path:
             try:
@@ -70,7 +86,7 @@ class RbdConnector:
         return out.strip().splitlines()[-1] if out.strip() else (mapped_device(pool, image) or "")
 
     def detach(self, volume_id: str, context: Mapping[str, str], device: str | None) -> None:
-        pool, image = context.get("pool"), context.get("image")
+        pool, image = context.get(CTX_POOL), context.get(CTX_IMAGE)
         current = mapped_device(pool, image) if pool and image else None
         if current:
             run("blockdev", "--flushbufs", current, ok_codes=(0, 1))
@@ -80,3 +96,15 @@ class RbdConnector:
         refresh = sys_block(device) / "device" / "refresh"
         if refresh.exists():
             refresh.write_text("1")
+
+    def identify(self, device: str) -> dict[str, str] | None:
+        """Pool and image of a krbd device (/sys/bus/rbd/devices/<id>/{pool,name})."""
+        name = Path(device).resolve().name
+        if not name.startswith("rbd") or not name.removeprefix("rbd").isdigit():
+            return None
+        attributes = Path("/sys/bus/rbd/devices") / name.removeprefix("rbd")
+        try:
+            pool, image = (attributes / "pool").read_text().strip(), (attributes / "name").read_text().strip()
+        except OSError:
+            return None
+        return {CTX_TRANSPORT: "rbd", CTX_POOL: pool, CTX_IMAGE: image} if image.startswith("vol-") else None
