@@ -175,12 +175,19 @@ FAILURE_CODES: dict[str, type[CsiError] | None] = {
 }
 
 
-def recorded_failure(obj: Obj) -> CsiError | None:
+# Which recorded failures end the wait of a call on an existing volume (others: keep waiting).
+PUBLISH_FAILURES = frozenset({CODE_EXPORT_FAILED, CODE_INVALID_PARAMETERS, CODE_BACKEND_OBJECT_MISSING})
+UNPUBLISH_FAILURES = frozenset({CODE_EXPORT_FAILED, CODE_BACKEND_OBJECT_MISSING})
+EXPAND_FAILURES = frozenset({CODE_CAPACITY_EXHAUSTED, CODE_INVALID_PARAMETERS, CODE_BACKEND_OBJECT_MISSING})
+
+
+def recorded_failure(obj: Obj, relevant: frozenset[str] | None = None) -> CsiError | None:
     """The permanent failure a CR records for its current generation, as the CSI error to return.
 
     status.code wins; else the reason of a False Scheduled or Ready condition when it is a
-    known code. A phase Error with no known code is INTERNAL (a code this controller does not
-    know yet). Failures recorded for an older generation are stale and ignored.
+    known code. A phase Error with no known code (a dock older or newer than this controller)
+    is FAILED_PRECONDITION: a permanent failure that needs a human, of a kind we cannot name. Failures recorded for an older generation are stale and ignored. With
+    `relevant`, only those codes end a wait (an unpublish does not fail on a full pool).
     """
     status = obj.get("status") or {}
     generation = int(obj["metadata"].get("generation") or 0)
@@ -193,12 +200,17 @@ def recorded_failure(obj: Obj) -> CsiError | None:
     if not code:
         code = next((c.get("reason") for c in failed if c.get("reason") in FAILURE_CODES), None)
     message = next((c.get("message") for c in failed if c.get("reason") == code and c.get("message")), None)
-    message = message or next((c.get("message") for c in failed if c.get("message")), None) or str(code)
+    message = (message or next((c.get("message") for c in failed if c.get("message")), None)
+               or "the backend reported an error without a message")
+    if relevant is not None:
+        code = code if code in relevant else None
+        if code is None:
+            return None
     if code in FAILURE_CODES:
         kind = FAILURE_CODES[code]
         return kind(f"{code}: {message}") if kind else None
     if status.get("phase") == ERROR:
-        return CsiError(f"{code or 'Error'}: {message}")
+        return FailedPrecondition(f"{code or 'Error'}: {message}")
     return None
 
 
@@ -475,7 +487,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                              f"profile does not allow multi-attach")
                 volume = self._set_published_nodes(volume, [*nodes, request.node_id])
             published = self._wait_exported(volume, lambda s: request.node_id in (s.get("publishedNodes") or [])
-                                            and bool(s.get("publishContext")), context)
+                                            and bool(s.get("publishContext")), context, PUBLISH_FAILURES)
         return csi_pb2.ControllerPublishVolumeResponse(
             publish_context=dict((published.get("status") or {}).get("publishContext") or {}))
 
@@ -516,7 +528,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return updated
 
     def _wait_exported(self, volume: Obj, exported: Callable[[dict[str, Any]], bool],
-                       context: grpc.ServicerContext) -> Obj:
+                       context: grpc.ServicerContext, fails_on: frozenset[str]) -> Obj:
         meta = volume["metadata"]
         if meta["namespace"] != self.namespace:
             raise FailedPrecondition(f"volume {meta['name']} is outside the controller's namespace {self.namespace}")
@@ -529,7 +541,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             if exported(obj.get("status") or {}):
                 return True
             if int(obj["metadata"].get("generation") or 0) >= generation:
-                error = recorded_failure(obj)
+                error = recorded_failure(obj, fails_on)
                 if error is not None:
                     raise error
             return False
@@ -551,7 +563,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             if remaining != nodes:
                 volume = self._set_published_nodes(volume, remaining)
             gone = set(nodes) - set(remaining)
-            self._wait_exported(volume, lambda s: not gone & set(s.get("publishedNodes") or []), context)
+            self._wait_exported(volume, lambda s: not gone & set(s.get("publishedNodes") or []), context,
+                                UNPUBLISH_FAILURES)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     def ValidateVolumeCapabilities(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest,
@@ -656,7 +669,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 if meta["namespace"] == self.namespace:
                     self.store.put(VOLUMES, volume)
             grown = self._wait_exported(volume, lambda s: s.get("phase") == AVAILABLE
-                                        and int(s.get("capacityBytes") or 0) >= size, context)
+                                        and int(s.get("capacityBytes") or 0) >= size, context, EXPAND_FAILURES)
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=int(grown["status"]["capacityBytes"]), node_expansion_required=not block)
 

@@ -110,9 +110,11 @@ def test_a_failure_recorded_for_an_older_generation_is_stale() -> None:
     assert recorded_failure({"metadata": {"generation": 2}, "status": status}) is None
 
 
-def test_phase_error_with_an_unknown_code_is_internal_not_resource_exhausted() -> None:
-    error = recorded_failure({"metadata": {}, "status": _failed("SomethingNew")})
-    assert error is not None and error.code_name == "INTERNAL"
+def test_phase_error_with_an_unknown_or_no_code_is_failed_precondition_not_resource_exhausted() -> None:
+    error = recorded_failure({"metadata": {}, "status": _failed("SomethingNew", "new kind of failure")})
+    assert isinstance(error, FailedPrecondition) and error.message == "SomethingNew: new kind of failure"
+    error = recorded_failure({"metadata": {}, "status": {"phase": api.ERROR}})
+    assert isinstance(error, FailedPrecondition) and "without a message" in error.message
 
 
 # ------------------------------------------------------------ CreateVolume
