@@ -52,6 +52,15 @@ def _require(**fields: str) -> None:
             raise InvalidArgument(f"{name} is required")
 
 
+def _present(path: str) -> bool:
+    """Whether path exists; errors other than "no such file" are raised (a broken mount is not absent)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def checked_connector(connectors: Connectors, volume_id: str, publish_context: Mapping[str, str],
                       volume_context: Mapping[str, str]) -> tuple[str, Connector]:
     """The transport and connector for a volume, once publish_context is consistent with it.
@@ -292,10 +301,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         _require(volume_id=request.volume_id, volume_path=request.volume_path)
         path = request.volume_path
         volume = self._recorded_at(request.volume_id, path)
-        exists = mounts.bounded(f"exists:{path}", lambda: os.path.exists(path))
+        broken: str | None
+        try:
+            exists = mounts.bounded(f"exists:{path}", lambda: _present(path))
+        except OSError as e:  # EIO, ESTALE, ENOTCONN: there, but broken
+            exists, broken = True, f"{path}: {e.strerror} (errno {e.errno})"
+        else:
+            broken = None if exists else f"{path} does not answer (a dead mount?)"
         if exists is False:
             raise NotFound(f"volume {request.volume_id} is not at {path}")
-        problem = self._problem(volume, path) if exists else f"{path} does not answer (a dead mount?)"
+        problem = broken or self._problem(volume, path)
         usage: list[csi_pb2.VolumeUsage] = []
         if problem is None and volume.access_type == "block":
             size = mounts.bounded(f"size:{volume.device}", lambda: mounts.block_device_size(volume.device))
