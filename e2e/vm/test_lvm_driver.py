@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from opensds_operator.drivers.base import NotFound, PermanentDriverError, Source
-from opensds_operator.drivers.lvm import LvmDriver
+from opensds_operator.drivers.base import BackendObject, NotFound, Owner, PermanentDriverError, Source
+from opensds_operator.drivers.lvm import LvmDriver, parse_lvs
 
 from .kernel import sh
 from .nodeplugin import write_at
@@ -71,3 +72,80 @@ def test_lvm_refuses_thick_volumes_and_foreign_pools(thin_pool: tuple[str, str])
         driver.create_volume("vol-x", pool, MiB, thin=False)
     with pytest.raises(PermanentDriverError, match="not 'other'"):
         driver.create_volume("vol-x", "other", MiB, thin=True)
+
+
+def owner_of(backend_id: str, retained: bool = False) -> Owner:
+    kind = "Snapshot" if backend_id.startswith("snap-") else "Volume"
+    return Owner("cluster-a", "lvm-a", kind, "ns", f"n-{backend_id}", backend_id.split("-", 1)[1], retained)
+
+
+def lv_tags(vg: str) -> dict[str, list[str]]:
+    rows = parse_lvs(sh("lvs", "--reportformat", "json", "-o", "lv_name,lv_tags", "--", vg))
+    return {r["lv_name"]: [t for t in r["lv_tags"].split(",") if t] for r in rows}
+
+
+def test_lvs_are_tagged_by_lvcreate_and_scanned_with_their_owners(thin_pool: tuple[str, str]) -> None:
+    """Old code created untagged LVs: nothing on the LV said which cluster or CR it belonged to."""
+    vg, pool = thin_pool
+    driver = LvmDriver(vg, pool)
+    driver.create_volume("vol-a1", pool, 16 * MiB, thin=True, owner=owner_of("vol-a1"))
+    driver.create_snapshot("snap-b2", pool, "vol-a1", owner=owner_of("snap-b2"))
+    driver.create_volume("vol-c3", pool, 16 * MiB, thin=True, source=Source("Snapshot", "snap-b2"),
+                         owner=owner_of("vol-c3"))
+    tags = lv_tags(vg)
+    print("lv tags after create:", tags)
+    for name in ("vol-a1", "snap-b2", "vol-c3"):  # one owner per LV, whatever LVM copies from an origin
+        uids = [t for t in tags[name] if t.startswith("opensds.uid=")]
+        assert uids == [f"opensds.uid={name.split('-', 1)[1]}"], tags[name]
+    sh("lvcreate", "-qq", "-V", "8m", "-T", f"{vg}/{pool}", "-n", "vol-foreign")  # another tool's LV
+    assert driver.scan(pool) == [
+        BackendObject("snap-b2", owner_of("snap-b2")),
+        BackendObject("vol-a1", owner_of("vol-a1")),
+        BackendObject("vol-c3", owner_of("vol-c3")),
+        BackendObject("vol-foreign", None),
+    ]
+    driver.set_owner("vol-a1", pool, owner_of("vol-a1", retained=True))  # a Retain deletion marks the LV itself
+    found = {o.backend_id: o.owner for o in driver.scan(pool)}
+    assert found["vol-a1"] == owner_of("vol-a1", retained=True)
+    driver.create_volume("vol-a1", pool, 16 * MiB, thin=True, owner=owner_of("vol-a1"))  # a retry keeps the mark
+    assert {o.backend_id: o.owner for o in driver.scan(pool)}["vol-a1"] == owner_of("vol-a1", retained=True)
+
+
+def test_quarantine_renames_and_time_tags_lvs_and_purge_removes_them(thin_pool: tuple[str, str]) -> None:
+    """Old code had no quarantine: the sweep's only tool was lvremove."""
+    vg, pool = thin_pool
+    driver = LvmDriver(vg, pool)
+    vol = driver.create_volume("vol-a1", pool, 16 * MiB, thin=True, owner=owner_of("vol-a1"))
+    write_at(vol.path, 0, b"precious" * 512)
+    before = digest(vol.path, 16 * MiB)
+    driver.create_snapshot("snap-b2", pool, "vol-a1", owner=owner_of("snap-b2"))
+    start = time.time()
+    for backend_id in ("snap-b2", "vol-a1", "vol-a1"):  # a retry of a finished quarantine is a no-op
+        driver.quarantine(backend_id, pool)
+    assert driver.list_objects(pool) == []
+    assert driver.get_volume("vol-a1", pool) is None
+    with pytest.raises(NotFound):
+        driver.create_volume("vol-x", pool, 16 * MiB, thin=True, source=Source("Snapshot", "snap-b2"))
+    with pytest.raises(PermanentDriverError, match="in quarantine"):  # never re-made empty beside it
+        driver.create_volume("vol-a1", pool, 16 * MiB, thin=True)
+    found = {o.backend_id: o for o in driver.scan(pool)}
+    assert set(found) == {"vol-a1", "snap-b2"}
+    for backend_id, obj in found.items():
+        assert obj.owner == owner_of(backend_id)
+        assert obj.quarantined_at is not None and start - 2 <= obj.quarantined_at <= time.time() + 2
+    assert set(lv_tags(vg)) >= {"quarantine-vol-a1", "quarantine-snap-b2"}
+    # recoverable: the data is intact under the quarantine name
+    rows = {r["lv_name"]: r for r in parse_lvs(sh("lvs", "--reportformat", "json", "-o", "lv_name,lv_path", vg))}
+    assert digest(rows["quarantine-vol-a1"]["lv_path"], 16 * MiB) == before
+    driver.purge("vol-a1", pool)
+    driver.purge("vol-a1", pool)
+    driver.purge("snap-b2", pool)
+    assert driver.scan(pool) == [] and not {"quarantine-vol-a1", "quarantine-snap-b2"} & set(lv_tags(vg))
+
+
+def test_purge_never_touches_a_live_lv(thin_pool: tuple[str, str]) -> None:
+    vg, pool = thin_pool
+    driver = LvmDriver(vg, pool)
+    driver.create_volume("vol-a1", pool, 8 * MiB, thin=True, owner=owner_of("vol-a1"))
+    driver.purge("vol-a1", pool)
+    assert driver.get_volume("vol-a1", pool) is not None
