@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -136,20 +137,23 @@ def test_owner_tag_is_on_the_file_before_it_gets_its_final_name(
 
 def test_scan_reports_owners_and_untagged_foreign_files_as_owner_none(driver: FileDriver) -> None:
     driver.create_volume("vol-1", "default", MiB, thin=True, owner=owner("1"))
-    driver.create_snapshot("snap-1", "default", "vol-1", owner=owner("s1", "Snapshot"))
+    driver.create_snapshot("snap-1", "default", "vol-1", owner=owner("1", "Snapshot"))
     foreign = driver.volumes / "vol-foreign.img"  # another tool's (or an older release's) file
     foreign.write_bytes(b"data")
     (driver.volumes / "notes.txt").write_text("not an object")
     assert driver.scan("default") == [
-        BackendObject("snap-1", owner("s1", "Snapshot")),
+        BackendObject("snap-1", owner("1", "Snapshot")),
         BackendObject("vol-1", owner("1")),
         BackendObject("vol-foreign", None),
     ]
     # a retry of the create adopts an untagged object; a tagged one keeps its owner
-    driver.create_volume("vol-foreign", "default", 4, thin=True, owner=owner("f"))
+    driver.create_volume("vol-foreign", "default", 4, thin=True, owner=owner("foreign"))
     driver.create_volume("vol-1", "default", MiB, thin=True, owner=owner("other"))
     owners = {o.backend_id: o.owner for o in driver.scan("default")}
-    assert owners["vol-foreign"] == owner("f") and owners["vol-1"] == owner("1")
+    assert owners["vol-foreign"] == owner("foreign") and owners["vol-1"] == owner("1")
+    # a copy (cp -a) carries its original's tag: that names another UID, so it is no owner
+    shutil.copy2(driver.volumes / "vol-1.img", driver.volumes / "vol-copy.img")  # copies xattrs too
+    assert {o.backend_id: o.owner for o in driver.scan("default")}["vol-copy"] is None
 
 
 def test_retain_is_recorded_on_the_object_itself(driver: FileDriver) -> None:
@@ -167,7 +171,7 @@ def test_quarantine_hides_the_object_and_purge_deletes_it(driver: FileDriver) ->
     """Old code had no quarantine: the sweep's only tool was delete."""
     info = driver.create_volume("vol-1", "default", 4 * MiB, thin=True, owner=owner("1"))
     Path(info.path).write_bytes(b"precious")
-    driver.create_snapshot("snap-1", "default", "vol-1", owner=owner("s", "Snapshot"))
+    driver.create_snapshot("snap-1", "default", "vol-1", owner=owner("1", "Snapshot"))
     before = time.time()
     driver.quarantine("vol-1", "default")
     driver.quarantine("vol-1", "default")  # idempotent: the dock retries after crashes
@@ -179,7 +183,7 @@ def test_quarantine_hides_the_object_and_purge_deletes_it(driver: FileDriver) ->
     with pytest.raises(PermanentDriverError, match="in quarantine"):  # never re-made empty beside it
         driver.create_volume("vol-1", "default", 4 * MiB, thin=True)
     found = {o.backend_id: o for o in driver.scan("default")}
-    assert found["vol-1"].owner == owner("1") and found["snap-1"].owner == owner("s", "Snapshot")
+    assert found["vol-1"].owner == owner("1") and found["snap-1"].owner == owner("1", "Snapshot")
     stamp = found["vol-1"].quarantined_at
     assert stamp is not None and before - 1 <= stamp <= time.time() + 1
     driver.quarantine("vol-1", "default")  # a retry keeps the first time

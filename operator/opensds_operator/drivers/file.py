@@ -112,15 +112,19 @@ def _encode_owner(owner: Owner) -> bytes:
     return json.dumps(owner.to_dict(), sort_keys=True).encode()
 
 
-def _decode_owner(raw: bytes) -> Owner | None:
-    """None for anything that is not a complete owner tag (a foreign or damaged tag)."""
+def _decode_owner(backend_id: str, raw: bytes) -> Owner | None:
+    """None for anything that is not a complete owner tag of this object: a damaged tag, or one naming
+    another object's UID than the file's own name (a copy made with `cp -a` carries its original's)."""
     try:
         data = json.loads(raw)
     except ValueError:
         return None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         return None
-    return Owner.from_dict(data)
+    owner = Owner.from_dict(data)
+    if owner is None or not owner.uid or not backend_id.endswith(owner.uid):
+        return None
+    return owner
 
 
 class FileDriver:
@@ -226,8 +230,9 @@ class FileDriver:
             self._sidecar(image).unlink(missing_ok=True)  # the xattr is the record now
 
     def _owner(self, image: Path) -> Owner | None:
+        backend_id = image.name.removesuffix(IMG_SUFFIX)
         try:
-            return _decode_owner(os.getxattr(image, OWNER_XATTR))
+            return _decode_owner(backend_id, os.getxattr(image, OWNER_XATTR))
         except OSError as e:
             if e.errno not in (errno.ENODATA, *NO_XATTR):
                 raise
@@ -237,7 +242,7 @@ class FileDriver:
             sidecars.append(self._sidecar(live_dir / image.name))
         for sidecar in sidecars:
             try:
-                return _decode_owner(sidecar.read_bytes())
+                return _decode_owner(backend_id, sidecar.read_bytes())
             except FileNotFoundError:
                 continue
         return None
