@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -281,3 +283,37 @@ def test_a_quarantine_interrupted_between_its_renames_keeps_the_owner_and_comple
     d.quarantine("vol-1", "default")
     assert d.scan("default") == [BackendObject("vol-1", owner("1"), 1000.0)]
     assert not (d.volumes / "vol-1.owner.json").exists()
+
+
+@pytest.fixture
+def ramfs(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem without user xattrs (ramfs answers EOPNOTSUPP), when we may mount one."""
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0700", "none", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a ramfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_on_a_real_filesystem_without_user_xattrs_owners_live_in_sidecars(ramfs: Path) -> None:
+    with pytest.raises(OSError) as probe:
+        (ramfs / "probe").touch()
+        os.setxattr(ramfs / "probe", OWNER_XATTR, b"{}")
+    assert probe.value.errno == errno.EOPNOTSUPP
+    d = FileDriver(str(ramfs / "backend"))
+    d.create_volume("vol-1", "default", MiB, thin=True, owner=owner("1"))
+    d.create_snapshot("snap-1", "default", "vol-1", owner=owner("1", "Snapshot"))
+    d.create_volume("vol-2", "default", MiB, thin=True, source=Source("Snapshot", "snap-1"), owner=owner("2"))
+    assert (d.volumes / "vol-1.owner.json").exists()
+    assert {o.backend_id: o.owner for o in d.scan("default")} == {
+        "vol-1": owner("1"), "snap-1": owner("1", "Snapshot"), "vol-2": owner("2")}
+    d.quarantine("vol-2", "default")
+    quarantined = {o.backend_id: o for o in d.scan("default")}["vol-2"]
+    assert quarantined.owner == owner("2") and quarantined.quarantined_at is not None
+    assert (d.root / "quarantine" / "volumes" / "vol-2.owner.json").exists()
+    d.purge("vol-2", "default")
+    assert d.list_objects("default") == ["snap-1", "vol-1"] and len(d.scan("default")) == 2
