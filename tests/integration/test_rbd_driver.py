@@ -232,6 +232,10 @@ def test_quarantine_trashes_images_renames_snapshots_and_purge_removes_them(driv
     driver.quarantine(vol, "opensds")
     driver.quarantine(vol, "opensds")
     assert vol not in driver.list_objects("opensds") and driver.get_volume(vol, "opensds") is None
+    with pytest.raises(PermanentDriverError, match="in quarantine"):  # never re-made empty beside it
+        driver.create_volume(vol, "opensds", 16 * MiB, thin=True, owner=owner_of(vol))
+    with pytest.raises(PermanentDriverError, match="in quarantine"):
+        driver.create_snapshot(snap, "opensds", restored, owner=owner_of(snap))
     with driver._ioctx() as ioctx:
         trash = [e for e in driver.rbd.RBD().trash_list(ioctx) if e["name"] == vol]
     assert len(trash) == 1

@@ -244,6 +244,10 @@ class RbdDriver:
                 return VolumeInfo(backend_id, size, size, "")
             except NotFound:
                 pass
+            if self._trashed(ioctx, backend_id):
+                raise PermanentDriverError(
+                    f"{backend_id} is in quarantine (the pool's RBD trash): `rbd trash restore` it, or let the sweep "
+                    f"purge it, before it is created again")
             if source is None:
                 self.rbd.RBD().create(ioctx, backend_id, size_bytes, old_format=False,
                                       features=self.rbd.RBD_FEATURE_LAYERING)
@@ -426,6 +430,7 @@ class RbdDriver:
                 self._remove_snap(ioctx, entry["image"], backend_id)
             self._index(ioctx, backend_id, None)
 
+    @_translated
     def export(self, backend_id: str, pool: str, hosts: Sequence[str]) -> dict[str, str]:
         """krbd needs no target: the node maps the image itself (credentials from its Secret)."""
         monitors = self.cluster.conf_get("mon_host")
