@@ -6,6 +6,7 @@ volume; the plugin's local root is the test's directory.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -307,7 +308,7 @@ def test_publish_context_naming_anything_but_this_volume_is_refused_before_attac
          {}, grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for context, volume_context, code in cases:
-        refused = _refused(lambda c=context, v=volume_context: volume.stage(node, capability(None), c, v))
+        refused = _refused(functools.partial(volume.stage, node, capability(None), context, volume_context))
         assert refused.code() == code, (context, refused.details())
     assert loops_of(decoy) == [] and loops_of(outside) == [] and loops_of(other.file) == []
     volume.stage(node, capability(None))  # its own context is accepted
