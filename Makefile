@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/bin:$(PATH)
 
-.PHONY: all venv tools proto lint typecheck unit integration test e2e up down cluster-up cluster-down bench clean
+.PHONY: all venv tools proto lint typecheck unit integration test chaos e2e up down cluster-up cluster-down bench clean
 
 all: test
 
@@ -32,12 +32,15 @@ unit: venv
 	$(PY) -m pytest -q tests/unit
 
 integration: venv tools
-	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q -m "not chaos" tests/integration
 
 # One pytest run over unit + integration so its closing line counts every test.
 # pytest exits 5 when it collected nothing; make treats that (like any non-zero) as failure.
 test: lint typecheck tools
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs -m "not chaos" tests
+
+chaos: venv tools            ## 300 CSI operations under SIGKILLs and an apiserver restart (minutes)
+	$(PY) -m pytest -q -rs -s -m chaos tests/integration
 
 e2e: venv tools              ## real-kernel VM tier: the tests in e2e/vm run inside hack/vm.sh
 	bash hack/e2e.sh

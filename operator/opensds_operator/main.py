@@ -141,6 +141,8 @@ def run_dock() -> None:
 
     log = logging.getLogger("opensds.dock")
     backend, driver, exporters = _wait_for_fixable_backend(args.backend, log)
+    if hasattr(driver, "trash_delay_seconds"):  # RBD: Ceph itself refuses to purge trash before then
+        driver.trash_delay_seconds = int(args.quarantine_hours * 3600)
     lock = BackendLock(_lock_path(backend["spec"], args.backend, args.lock_dir))
     while True:
         try:

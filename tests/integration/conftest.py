@@ -119,13 +119,15 @@ class Processes:
     def __init__(self, backend: str, logs: Path, kubeconfigs: dict[str, Path]) -> None:
         self.backend, self.logs, self.kubeconfigs = backend, logs, kubeconfigs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.dock_args: list[str] = []  # extra flags for the next dock start (e.g. a short quarantine)
 
     def start(self, which: str) -> None:
         venv_bin = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
         if which == "operator":
             args = [str(venv_bin / "opensds-operator")]
         else:
-            args = [str(venv_bin / "opensds-dock"), "--backend", self.backend, "--capacity-interval", "5"]
+            args = [str(venv_bin / "opensds-dock"), "--backend", self.backend, "--capacity-interval", "5",
+                    *self.dock_args]
         if os.environ.get("OPENSDS_TEST_VERBOSE") == "1":
             args.append("--verbose")
         self.procs[which] = _spawn(args, self.logs / f"{which}.log", self.kubeconfigs[which])

@@ -9,8 +9,13 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from kubernetes import client
+
+from opensds_operator.drivers.base import Owner
+from opensds_operator.drivers.file import FileDriver
+
 from .conftest import Cluster, Processes, Stack, wait_for
-from .helpers import CRs
+from .helpers import CRs, events_for
 
 COUNT = 50
 
@@ -79,8 +84,14 @@ def test_random_sigkills_during_concurrent_creates_and_deletes_leak_nothing(
     crs.delete("storageprofiles", profile)
 
 
-def test_dock_restart_collects_orphans_but_keeps_retained_volumes(
+def _cluster_id(cluster: Cluster) -> str:
+    return str(client.CoreV1Api(cluster.api).read_namespace("kube-system").metadata.uid)
+
+
+def test_dock_restart_quarantines_only_its_own_orphans_and_keeps_retained_volumes(
         cluster: Cluster, stack: Stack, processes: Processes, namespace: str) -> None:
+    """The sweep touches only objects tagged with this cluster and backend; it renames them aside
+    first and purges them after the quarantine; a Retain record lives on the object itself."""
     crs = CRs(cluster.api, namespace)
     profile = f"gc-{uuid.uuid4().hex[:6]}"
     crs.create("storageprofiles", "StorageProfile", profile, {"storageType": "block", "accessProtocol": "local"})
@@ -88,16 +99,36 @@ def test_dock_restart_collects_orphans_but_keeps_retained_volumes(
     wait_for(lambda: (crs.get("volumes", "kept").get("status") or {}).get("phase") == "Available", 60, "Available")
     crs.delete("volumes", "kept")
     wait_for(lambda: not crs.exists("volumes", "kept"), 60, "retained Volume CR deleted")
-    kept_file = stack.backend_dir / "volumes" / f"vol-{kept['metadata']['uid']}.img"
-    stray = stack.backend_dir / "volumes" / f"vol-{uuid.uuid4()}.img"
-    stray.write_bytes(b"left behind by a crash")
+    kept_id = f"vol-{kept['metadata']['uid']}"
+
+    # Three strays as a crash, another cluster and a hand-made file would leave them.
+    driver = FileDriver(str(stack.backend_dir))
+    ours, theirs, untagged = (f"vol-{uuid.uuid4()}" for _ in range(3))
+    driver.create_volume(ours, "default", 1 << 20, True,
+                         owner=Owner(_cluster_id(cluster), stack.backend, "Volume", namespace, "lost", ours[4:]))
+    driver.create_volume(theirs, "default", 1 << 20, True,
+                         owner=Owner(str(uuid.uuid4()), stack.backend, "Volume", namespace, "x", theirs[4:]))
+    driver.create_volume(untagged, "default", 1 << 20, True)
 
     processes.kill("dock")
-    processes.start("dock")
-    wait_for(lambda: not stray.exists(), 60, "orphan collected")
-    assert kept_file.exists()
-    retained = crs.get("storagebackends", stack.backend)["status"]["retainedVolumes"]
-    assert {"id": kept_file.stem, "volume": f"{namespace}/kept"}.items() <= next(
-        r for r in retained if r["id"] == kept_file.stem).items()
-    kept_file.unlink()
+    processes.dock_args = ["--quarantine-hours", "0.002", "--orphan-interval", "3"]
+    try:
+        processes.start("dock")
+        wait_for(lambda: ours not in driver.list_objects("default"), 60, "our orphan quarantined")
+        assert any(o.backend_id == ours and o.quarantined_at for o in driver.scan("default")), "not kept aside"
+        # The backend is cluster-scoped: its Events land in "default".
+        assert any(e.startswith("OrphanQuarantined") and ours in e
+                   for e in events_for(cluster.api, "default", stack.backend))
+        wait_for(lambda: all(o.backend_id != ours for o in driver.scan("default")), 60, "quarantine purged")
+        time.sleep(4)  # one more sweep
+        left = set(driver.list_objects("default"))
+        assert {kept_id, theirs, untagged} <= left, "the sweep touched what it cannot prove is its garbage"
+        status = crs.get("storagebackends", stack.backend)["status"]
+        assert status["foreignObjects"] >= 2
+    finally:
+        processes.kill("dock")
+        processes.dock_args = []
+        processes.start("dock")
+    for backend_id in (kept_id, theirs, untagged):
+        driver.delete_volume(backend_id, "default")
     crs.delete("storageprofiles", profile)

@@ -366,17 +366,26 @@ class Dock:
                               meta["namespace"])
         log.info("%s/%s exported to %s", meta["namespace"], meta["name"], ", ".join(nodes) or "nobody")
 
-    @staticmethod
-    def _export_auth(profile: dict[str, Any]) -> ExportAuth | None:
-        """The credentials in the Secret the profile's nodes attach with (its nodeStageSecretRef)."""
-        ref = (profile.get("spec") or {}).get("nodeStageSecretRef")
+    def _export_auth(self, profile: dict[str, Any]) -> ExportAuth | None:
+        """The credentials the target requires: from the profile's nodeStageSecretRef, or the operator's
+        generated Secret for a network profile that did not opt out (credentials.py).
+
+        Fails closed: a Secret lacking the protocol's keys is a PermanentDriverError naming the
+        missing keys, never an export without authentication."""
+        from ..credentials import node_stage_secret_ref
+
+        spec = profile.get("spec") or {}
+        ref = node_stage_secret_ref(spec)
         if not ref:
             return None
-        data = kube.secret_data(ref["name"], ref["namespace"])
+        source = (f"Secret {ref['namespace']}/{ref['name']} (node-stage secret of profile "
+                  f"{(profile.get('metadata') or {}).get('name')})")
+        data = self.api.secret_data(ref["name"], ref["namespace"])
         if data is None:
-            raise PermanentDriverError(f"Secret {ref['namespace']}/{ref['name']} (nodeStageSecretRef of profile "
-                                       f"{profile['metadata']['name']}) does not exist")
-        return ExportAuth.from_secret(data)
+            if not spec.get("nodeStageSecretRef"):  # generated: the operator makes it, wait for that
+                raise DriverError(f"{source} does not exist yet; the operator generates it")
+            raise PermanentDriverError(f"{source} does not exist")
+        return ExportAuth.from_secret(data).require(spec.get("accessProtocol", "local"), source)
 
     def delete_volume(self, body: kopf.Body) -> None:
         meta, spec = body["metadata"], body["spec"]
@@ -467,6 +476,25 @@ class Dock:
 
     # ------------------------------------------------------------ orphans
 
+    def _purge_expired(self, obj: BackendObject, owner: Owner, pool: str, live: set[str],
+                       backend: dict[str, Any]) -> bool:
+        """Purge a quarantined object once its time is up, unless its CR exists (then it was
+        quarantined by hand or by mistake: keep it and say so)."""
+        if owner.uid in live:
+            self.api.post_event(backend, "QuarantinedButOwned", (
+                f"{obj.backend_id} is quarantined although its {owner.kind} {owner.namespace}/{owner.name} exists; "
+                f"it is kept: move it back by hand"), warning=True, component="opensds-dock")
+            return False
+        assert obj.quarantined_at is not None
+        age = time.time() - obj.quarantined_at
+        if age < self.quarantine_seconds:
+            return False
+        log.warning("purging %s in %s/%s (quarantined %.0f s ago)", obj.backend_id, self.backend, pool, age)
+        self.driver.purge(obj.backend_id, pool)
+        self.api.post_event(backend, "OrphanPurged", f"purged {obj.backend_id} of {owner.kind} "
+                            f"{owner.namespace}/{owner.name} after its quarantine", component="opensds-dock")
+        return True
+
     def collect_orphans(self) -> list[str]:
         """Quarantine backend objects of ours whose CR no longer exists; purge expired quarantine.
 
@@ -483,7 +511,8 @@ class Dock:
         live = {v["metadata"]["uid"] for v in self.api.list_all(VOLUMES)}
         live |= {s["metadata"]["uid"] for s in self.api.list_all(SNAPSHOTS)}
         backend = self.api.get(BACKENDS, self.backend) or {"metadata": {"name": self.backend}}
-        acted, foreign, quarantined = [], 0, 0
+        acted: list[str] = []
+        foreign, quarantined = 0, 0
         for pool, objects in scanned.items():
             for obj in objects:
                 owner = obj.owner
@@ -492,21 +521,19 @@ class Dock:
                     continue
                 if owner.retained or (owner.uid in live and obj.quarantined_at is None):
                     continue
-                if obj.quarantined_at is not None:
-                    quarantined += 1
-                    if time.time() - obj.quarantined_at >= self.quarantine_seconds:
-                        log.warning("purging %s in %s/%s (quarantined %.0f s ago)", obj.backend_id, self.backend,
-                                    pool, time.time() - obj.quarantined_at)
-                        self.driver.purge(obj.backend_id, pool)
-                        self.api.post_event(backend, "OrphanPurged", f"purged {obj.backend_id} of {owner.kind} "
-                                            f"{owner.namespace}/{owner.name} after its quarantine",
-                                            component="opensds-dock")
-                        acted.append(obj.backend_id)
-                        quarantined -= 1
+                try:
+                    if obj.quarantined_at is not None:
+                        quarantined += 1
+                        if self._purge_expired(obj, owner, pool, live, backend):
+                            acted.append(obj.backend_id)
+                            quarantined -= 1
+                        continue
+                    log.warning("quarantining %s in %s/%s: its %s %s/%s (uid %s) no longer exists", obj.backend_id,
+                                self.backend, pool, owner.kind, owner.namespace, owner.name, owner.uid)
+                    self.driver.quarantine(obj.backend_id, pool)
+                except (DriverError, OSError) as e:  # one refusal (e.g. RBD dependants) must not stop the pass
+                    log.warning("orphan sweep skipped %s in %s/%s: %s", obj.backend_id, self.backend, pool, e)
                     continue
-                log.warning("quarantining %s in %s/%s: its %s %s/%s (uid %s) no longer exists", obj.backend_id,
-                            self.backend, pool, owner.kind, owner.namespace, owner.name, owner.uid)
-                self.driver.quarantine(obj.backend_id, pool)
                 self.api.post_event(backend, "OrphanQuarantined", (
                     f"{obj.backend_id} belonged to {owner.kind} {owner.namespace}/{owner.name} (uid {owner.uid}), "
                     f"which no longer exists; kept aside for {self.quarantine_seconds / 3600:g} h, then purged"),
