@@ -25,7 +25,7 @@ from opensds_operator.qos import IoLimits
 
 from . import iolimits, mounts
 from .connectors import DEFAULT_LOCAL_ROOTS, Connector, Connectors
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .locks import KeyLocks
 from .nodestate import CorruptState, NodeState, StagedVolume
 from .proto import csi_pb2, csi_pb2_grpc
@@ -291,7 +291,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _staged_at(self, volume_id: str, path: str) -> StagedVolume:
         volume = self._recorded_at(volume_id, path)
-        if not os.path.exists(path):
+        try:
+            present = mounts.bounded(f"exists:{path}", lambda: _present(path))
+        except OSError as e:
+            raise FailedPrecondition(f"{path} of volume {volume_id} is broken: {e.strerror} (errno {e.errno})") from e
+        if present is None:
+            raise Unavailable(f"{path} of volume {volume_id} does not answer (a dead mount?)")
+        if not present:
             raise NotFound(f"volume {volume_id} is not at {path}")
         return volume
 
