@@ -24,6 +24,7 @@ from opensds_operator.quantity import parse_bytes
     ({"pool": "--x"}, r"parameters\.pool '--x' is not a pool name"),
     ({"path": "relative/dir"}, r"parameters\.path .* must be an absolute path"),
     ({"path": "/srv/../etc"}, r"without '\.\.' components"),
+    ({"path": "/srv/x\n[global]"}, r"parameters\.path must not contain control characters"),
 ])
 def test_file_backend_with_a_malformed_parameter_is_a_permanent_error(tmp_path: Path, params: dict[str, str],
                                                                       message: str) -> None:

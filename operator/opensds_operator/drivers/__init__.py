@@ -15,6 +15,7 @@ from .base import Driver, PermanentDriverError
 # LVM names: letters, digits and "+_.-", never a leading "-" (it would be read as an option).
 _LVM_NAME = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]{0,126}")
 _CEPH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # newlines/NULs in a value would split a config line or a path
 MAX_CLONE_DEPTH = 32
 MAX_CAPACITY = 2**60  # 1Ei, as the CRD allows
 
@@ -60,7 +61,28 @@ def parameters(spec: dict[str, Any]) -> dict[str, str]:
     params = spec.get("parameters") or {}
     if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()):
         raise PermanentDriverError("spec.parameters must be a map of strings to strings")
+    for key, value in params.items():
+        if _CONTROL.search(value):
+            raise PermanentDriverError(f"parameters.{key} must not contain control characters")
     return dict(params)
+
+
+def check_parameters(params: dict[str, str]) -> None:
+    """Every known parameter that is present is well-formed (the CRD's rules, key by key).
+
+    Pure: the CR-spec fuzz test checks that whatever the apiserver accepts passes here too."""
+    for key, what in (("volumeGroup", "an LVM volume group name"), ("thinPool", "an LVM logical volume name"),
+                      ("pool", "a pool name")):
+        if key in params:
+            _name(params, key, "", what)
+    for key in ("path", "conf", "keyring"):
+        if key in params:
+            _path(params, key)
+    _capacity(params)
+    _clone_depth(params)
+    if "user" in params and not _CEPH_USER.fullmatch(params["user"]):
+        raise PermanentDriverError(f"parameters.user {params['user']!r} must be a Ceph client id: letters, digits, "
+                                   f"'_.-', not starting with '-' or '.'")
 
 
 def make_driver(spec: dict[str, Any], secret_key: str | None = None) -> Driver:
@@ -69,31 +91,25 @@ def make_driver(spec: dict[str, Any], secret_key: str | None = None) -> Driver:
     `secret_key` is the credential from spec.secretRef (read by the caller, never logged)."""
     kind = spec.get("driver")
     params = parameters(spec)
+    check_parameters(params)
     if kind == "file":
         from .file import FileDriver
 
         if "path" not in params:
             raise PermanentDriverError("file backend needs parameters.path (a directory on the node)")
-        return FileDriver(_path(params, "path"), _capacity(params), _name(params, "pool", "default", "a pool name"))
+        return FileDriver(params["path"], _capacity(params), params.get("pool", "default"))
     if kind == "lvm":
         from .lvm import LvmDriver
 
         if "volumeGroup" not in params:
             raise PermanentDriverError("lvm backend needs parameters.volumeGroup")
-        return LvmDriver(_name(params, "volumeGroup", "", "an LVM volume group name"),
-                         _name(params, "thinPool", "thinpool", "an LVM logical volume name"))
+        return LvmDriver(params["volumeGroup"], params.get("thinPool", "thinpool"))
     if kind == "ceph":
         missing = [k for k in ("conf", "pool") if k not in params]
         if missing:
             raise PermanentDriverError(f"ceph backend needs parameters.{' and parameters.'.join(missing)}")
-        conf, pool = _path(params, "conf"), _name(params, "pool", "", "a pool name")
-        user = params.get("user", "opensds")
-        if not _CEPH_USER.fullmatch(user):
-            raise PermanentDriverError(f"parameters.user {user!r} must be a Ceph client id: letters, digits, "
-                                       f"'_.-', not starting with '-' or '.'")
-        keyring = _path(params, "keyring") if "keyring" in params else None
-        depth = _clone_depth(params)
         from .rbd import RbdDriver
 
-        return RbdDriver(conf, pool, user, keyring=keyring, key=secret_key, clone_depth=depth)
+        return RbdDriver(params["conf"], params["pool"], params.get("user", "opensds"), keyring=params.get("keyring"),
+                         key=secret_key, clone_depth=_clone_depth(params))
     raise PermanentDriverError(f"driver {kind!r} is not available in this release (available: file, lvm, ceph)")
