@@ -186,8 +186,9 @@ def recorded_failure(obj: Obj, relevant: frozenset[str] | None = None) -> CsiErr
 
     status.code wins; else the reason of a False Scheduled or Ready condition when it is a
     known code. A phase Error with no known code (a dock older or newer than this controller)
-    is FAILED_PRECONDITION: a permanent failure that needs a human, of a kind we cannot name. Failures recorded for an older generation are stale and ignored. With
-    `relevant`, only those codes end a wait (an unpublish does not fail on a full pool).
+    is FAILED_PRECONDITION: a permanent failure that needs a human, of a kind we cannot name.
+    Failures recorded for an older generation are stale and ignored. With `relevant`, only
+    those codes end a wait (an unpublish does not fail on a full pool).
     """
     status = obj.get("status") or {}
     generation = int(obj["metadata"].get("generation") or 0)
