@@ -442,8 +442,19 @@ class RbdDriver:
     def list_objects(self, pool: str) -> list[str]:
         self._check_pool(pool)
         with self._ioctx() as ioctx:
-            images = [n for n in self.rbd.RBD().list(ioctx) if n.startswith("vol-")]
-            snaps = [k for k, e in self._index_entries(ioctx).items() if e.get("quarantinedAt") is None]
+            names = set(self.rbd.RBD().list(ioctx))
+            images = [n for n in names if n.startswith("vol-")]
+            # A snapshot exists when its image holds it, not when the index names it: an entry whose
+            # snapshot was removed behind our back (or never taken) must read as missing to the dock.
+            wanted: dict[str, list[str]] = {}
+            for snap_id, entry in self._index_entries(ioctx).items():
+                if entry.get("quarantinedAt") is None and entry["image"] in names:
+                    wanted.setdefault(entry["image"], []).append(snap_id)
+            snaps: list[str] = []
+            for image_name, snap_ids in wanted.items():
+                with contextlib.suppress(NotFound), self._image(ioctx, image_name) as image:  # removed meanwhile
+                    present = set(self._snap_names(image))
+                    snaps += [s for s in snap_ids if s in present]
         return sorted(images + snaps)
 
     def _image_owner(self, ioctx: Any, name: str, image_id: str | None = None) -> Owner | None:
