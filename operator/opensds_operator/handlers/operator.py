@@ -28,6 +28,9 @@ from ..api import (
     CODE_UNSCHEDULABLE,
     GROUP,
     IN_USE,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    NAME_CONFLICT,
     PENDING,
     POOL_LABEL,
     PROFILES,
@@ -37,10 +40,11 @@ from ..api import (
     VERSION,
     VOLUMES,
 )
-from ..conditions import set_condition
+from ..conditions import get_condition, set_condition
+from ..credentials import SECRET_NAME, authenticated_by_default, credentials_namespace, generated_secret_body
 from ..quantity import parse_bytes
 from ..scheduler import Pool, PoolKey, pools_from_backend, request_for, schedule
-from ..storageclass import needs_recreate, snapshot_class, storage_class
+from ..storageclass import is_managed, needs_recreate, snapshot_class, storage_class
 
 log = logging.getLogger(__name__)
 registry = kopf.OperatorRegistry()
@@ -53,6 +57,8 @@ _recent_placements: dict[str, tuple[PoolKey, int]] = {}
 class Settings:
     default_over_subscription_ratio = 1.0
     retry_unschedulable_seconds = 20.0
+    retry_name_conflict_seconds = 30.0  # the foreign object may be renamed or removed meanwhile
+    credentials_namespace = credentials_namespace()
 
 
 # ---------------------------------------------------------------- StorageProfile
@@ -61,8 +67,12 @@ def _storage_api() -> client.StorageV1Api:
     return client.StorageV1Api(kube.api_client())
 
 
+CONFLICT = "conflict"  # sync outcome: an object of that name exists and is not the operator's
+
+
 def sync_storage_class(name: str, spec: dict[str, Any]) -> str:
-    desired = storage_class(name, spec)
+    """Converge the profile's StorageClass; a same-named one the operator did not make is left alone."""
+    desired = storage_class(name, spec, Settings.credentials_namespace)
     api = _storage_api()
     try:
         existing = api.read_storage_class(name)
@@ -72,6 +82,8 @@ def sync_storage_class(name: str, spec: dict[str, Any]) -> str:
         api.create_storage_class(desired)
         return "created"
     current = kube.api_client().sanitize_for_serialization(existing)
+    if not is_managed(current):
+        return CONFLICT
     if needs_recreate(current, desired):
         api.delete_storage_class(name)
         api.create_storage_class(desired)
@@ -82,31 +94,47 @@ def sync_storage_class(name: str, spec: dict[str, Any]) -> str:
     return "unchanged"
 
 
-def sync_snapshot_class(name: str) -> bool:
-    """False when the snapshot CRDs are not installed (VolumeSnapshotClass is optional then)."""
+VSC = ("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses")
+SNAPSHOT_CRDS_ABSENT = "absent"
+
+
+def sync_snapshot_class(name: str) -> str:
+    """"synced", CONFLICT (a same-named class not ours: untouched), or SNAPSHOT_CRDS_ABSENT (optional then)."""
     api = kube.custom()
     body = snapshot_class(name)
     try:
-        api.get_cluster_custom_object("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name)
-        api.replace_cluster_custom_object(
-            "snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name,
-            {**body, "metadata": {**body["metadata"], "resourceVersion": _vsc_version(name)}},
-        )
+        current = api.get_cluster_custom_object(*VSC, name)
     except ApiException as e:
         if e.status != 404:
             raise
         try:
-            api.create_cluster_custom_object("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", body)
+            api.create_cluster_custom_object(*VSC, body)
         except ApiException as e2:
             if e2.status == 404:
-                return False
+                return SNAPSHOT_CRDS_ABSENT
             raise
-    return True
+        return "synced"
+    if not is_managed(current):
+        return CONFLICT
+    metadata = {**body["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}
+    api.replace_cluster_custom_object(*VSC, name, {**body, "metadata": metadata})
+    return "synced"
 
 
-def _vsc_version(name: str) -> str:
-    obj = kube.custom().get_cluster_custom_object("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name)
-    return str(obj["metadata"]["resourceVersion"])
+def ensure_generated_credentials(profile: str) -> None:
+    """The shared generated node-stage Secret (credentials.py) exists; never rewritten once made."""
+    namespace = Settings.credentials_namespace
+    body = generated_secret_body(namespace)
+    try:
+        client.CoreV1Api(kube.api_client()).create_namespaced_secret(namespace, body)
+        log.info("generated node-stage credentials %s/%s for authenticated exports (profile %s)",
+                 namespace, SECRET_NAME, profile)
+    except ApiException as e:
+        if e.status == 409:  # made before: keep its keys, nodes and targets use them
+            return
+        raise kopf.TemporaryError(f"cannot create the generated node-stage Secret {namespace}/{SECRET_NAME} "
+                                  f"({e.status} {e.reason}); profile {profile} needs it for authenticated "
+                                  f"exports (or set spec.unauthenticatedExports: true)", delay=30) from None
 
 
 @kopf.on.resume(GROUP, VERSION, PROFILES, registry=registry)
@@ -114,15 +142,39 @@ def _vsc_version(name: str) -> str:
 @kopf.on.update(GROUP, VERSION, PROFILES, field="spec", registry=registry)
 def profile_reconcile(name: str, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
                       body: kopf.Body, **_: Any) -> None:
-    outcome = sync_storage_class(name, dict(spec))
+    spec_d = dict(spec)
+    generation = meta.get("generation")
+    if authenticated_by_default(spec_d):
+        ensure_generated_credentials(name)
+    outcome = sync_storage_class(name, spec_d)
     vsc = sync_snapshot_class(name)
-    conditions = set_condition(status.get("conditions"), READY, True, "StorageClassSynced",
-                               f"StorageClass {name} {outcome}" + ("" if vsc else "; snapshot CRDs absent"),
-                               meta.get("generation"))
+    conditions = status.get("conditions")
+    foreign = [f"{kind} {name}" for kind, result in (("StorageClass", outcome), ("VolumeSnapshotClass", vsc))
+               if result == CONFLICT]
+    if foreign:
+        message = (f"{' and '.join(foreign)} already exist{'s' if len(foreign) == 1 else ''} and "
+                   f"{'was' if len(foreign) == 1 else 'were'} not made by the operator (no label "
+                   f"{MANAGED_BY_LABEL}={MANAGED_BY}); left untouched. Rename the profile, or delete the other "
+                   f"object if it is not needed")
+        conditions = set_condition(conditions, NAME_CONFLICT, True, NAME_CONFLICT, message, generation)
+        conditions = set_condition(conditions, READY, False, NAME_CONFLICT, message, generation)
+        kube.patch_status(PROFILES, name, {
+            "storageClassName": None if outcome == CONFLICT else name,
+            "volumeSnapshotClassName": name if vsc == "synced" else None,
+            "observedGeneration": generation,
+            "conditions": conditions,
+        })
+        kube.post_event(dict(body), NAME_CONFLICT, message, warning=True)
+        raise kopf.TemporaryError(message, delay=Settings.retry_name_conflict_seconds)
+    if get_condition(conditions, NAME_CONFLICT):
+        conditions = set_condition(conditions, NAME_CONFLICT, False, "Resolved", "", generation)
+    conditions = set_condition(conditions, READY, True, "StorageClassSynced",
+                               f"StorageClass {name} {outcome}"
+                               + ("" if vsc == "synced" else "; snapshot CRDs absent"), generation)
     kube.patch_status(PROFILES, name, {
         "storageClassName": name,
-        "volumeSnapshotClassName": name if vsc else None,
-        "observedGeneration": meta.get("generation"),
+        "volumeSnapshotClassName": name if vsc == "synced" else None,
+        "observedGeneration": generation,
         "conditions": conditions,
     })
     if outcome != "unchanged":
@@ -152,14 +204,19 @@ def refuse_deletion_while_used(plural: str, what: str, body: kopf.Body, users: l
 def profile_delete(name: str, body: kopf.Body, **_: Any) -> None:
     if users := volumes_where("profile", name):
         refuse_deletion_while_used(PROFILES, "StorageProfile", body, users)
-    _ignore_missing(_storage_api().delete_storage_class, name)
-    _ignore_missing(kube.custom().delete_cluster_custom_object,
-                    "snapshot.storage.k8s.io", "v1", "volumesnapshotclasses", name)
+    _delete_if_ours(_storage_api().read_storage_class, _storage_api().delete_storage_class, name)
+    _delete_if_ours(lambda n: kube.custom().get_cluster_custom_object(*VSC, n),
+                    lambda n: kube.custom().delete_cluster_custom_object(*VSC, n), name)
 
 
-def _ignore_missing(call: Callable[..., object], *args: str) -> None:
+def _delete_if_ours(read: Callable[[str], Any], delete: Callable[[str], object], name: str) -> None:
+    """Delete the profile's StorageClass / VolumeSnapshotClass, but never a same-named one of someone else."""
     try:
-        call(*args)
+        current = read(name)
+        if not is_managed(kube.api_client().sanitize_for_serialization(current)):
+            log.info("not deleting %s: it was not made by the operator", name)
+            return
+        delete(name)
     except ApiException as e:
         if e.status != 404:
             raise
