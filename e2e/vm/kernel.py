@@ -52,6 +52,51 @@ def start_nvmet() -> None:
     _configfs("nvmet", "nvmet-tcp", "nvme-tcp")
 
 
+NVMET = Path("/sys/kernel/config/nvmet")
+
+
+def clear_nvmet() -> None:
+    """Remove every nvmet configfs item (ports, subsystems, hosts): nvmet can then be unloaded."""
+    for port in NVMET.glob("ports/*"):
+        for link in (port / "subsystems").iterdir():
+            link.unlink()
+    for subsystem in NVMET.glob("subsystems/*"):
+        for link in (subsystem / "allowed_hosts").iterdir():
+            link.unlink()
+        for namespace in (subsystem / "namespaces").iterdir():
+            (namespace / "enable").write_text("0")
+            namespace.rmdir()
+        subsystem.rmdir()
+    for item in (*NVMET.glob("ports/*"), *NVMET.glob("hosts/*")):
+        item.rmdir()
+
+
+@contextlib.contextmanager
+def nvme_host_without_multipath() -> Iterator[None]:
+    """nvme_core reloaded with multipath=N: two controllers of one subsystem (two host NQNs on this
+    one machine, standing for two nodes) become two block devices instead of two paths of one.
+
+    nvmet depends on nvme_core, so the target is reloaded too (its configfs tree must be empty);
+    afterwards everything is reloaded with native multipath again, as the other tests expect.
+    """
+    stack = ("nvme_tcp", "nvmet_tcp", "nvmet", "nvme_fabrics", "nvme_core")
+
+    def reload(multipath: str) -> None:
+        subprocess.run(["nvme", "disconnect-all"], capture_output=True)
+        clear_nvmet()
+        for module in stack:
+            if Path("/sys/module", module).exists():
+                sh("rmmod", module)
+        sh("modprobe", "nvme_core", f"multipath={multipath}")
+        start_nvmet()
+
+    reload("N")
+    try:
+        yield
+    finally:
+        reload("Y")
+
+
 @contextlib.contextmanager
 def lio_and_iscsid() -> Iterator[None]:
     """LIO (the kernel iSCSI target) and an open-iscsi initiator: iscsid with its state on tmpfs.

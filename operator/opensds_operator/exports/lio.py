@@ -6,15 +6,24 @@ target, unexport is one delete, and the IQN names the volume. Its TPG has
 (initiator IQN derived from the node id), each mapping LUN 0. The block backstore's unit
 serial is the volume UUID, which is how the node finds the disk (never by device order).
 With CHAP credentials in the profile's Secret the TPG requires authentication and every
-NodeACL carries them (and the mutual pair, when given, for the target to prove itself).
+NodeACL carries them (and the mutual pair, when given, for the target to prove itself); the
+ACL's auth attributes are made 0600 before a password is written (configfs makes them
+world-readable).
+
+Unpublish cuts live sessions: deleting a NodeACL makes LIO close that initiator's sessions
+(checked in the VM: the session fails at once, its re-logins are refused as "not authorized",
+queued writes never reach the LUN and fail once the initiator's replacement_timeout passes);
+other initiators' sessions are untouched.
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..api import CTX_AUTH, CTX_IQN, CTX_PORTALS, CTX_SERIAL, CTX_TRANSPORT
 from ..drivers.base import DriverError, PermanentDriverError
 from .base import IQN_PREFIX, ExportAuth, node_iqn, volume_iqn
 
@@ -23,6 +32,16 @@ TARGET_CONFIGFS = Path("/sys/kernel/config/target")
 # LIO keeps persistent-reservation and ALUA state in its "dbroot"; ours lives beside the
 # dock's other state instead of /etc/target (absent on hosts without targetcli).
 DBROOT = Path("/var/lib/opensds/target")
+SECRET_MODE = 0o600
+AUTH_ATTRIBUTES = ("userid", "password", "userid_mutual", "password_mutual")
+
+
+def _restrict_auth(acl: Any) -> None:
+    """NodeACL auth attributes readable by root only (before credentials go into them)."""
+    auth = Path(acl.path) / "auth"
+    for attribute in AUTH_ATTRIBUTES:
+        if (auth / attribute).exists():
+            os.chmod(auth / attribute, SECRET_MODE)
 
 
 class LioExporter:
@@ -59,6 +78,7 @@ class LioExporter:
 
     def export(self, backend_id: str, device: str, uuid: str, nodes: Sequence[str],
                auth: ExportAuth | None = None) -> dict[str, str]:
+        wanted = {node_iqn(n) for n in nodes}  # refuses names that are no node names, before any change
         rts = self._rts()
         chap = auth if auth and auth.chap_user and auth.chap_password else None
         so = self._storage_object(rts, backend_id)
@@ -75,29 +95,29 @@ class LioExporter:
             if (ip, port) not in have_portals:
                 rts.NetworkPortal(tpg, ip, port)
         lun = next((lun for lun in tpg.luns if lun.lun == 0), None) or rts.LUN(tpg, 0, so)
-        wanted = {node_iqn(n) for n in nodes}
         for acl in list(tpg.node_acls):
             if acl.node_wwn not in wanted:
                 acl.delete()
-                log.info("%s: initiator %s no longer allowed", target.wwn, acl.node_wwn)
+                log.info("%s: initiator %s no longer allowed; LIO closed its sessions", target.wwn, acl.node_wwn)
         have = {acl.node_wwn for acl in tpg.node_acls}
         for iqn in sorted(wanted - have):
             acl = rts.NodeACL(tpg, iqn)
             rts.MappedLUN(acl, 0, lun)
         for acl in tpg.node_acls:  # converge credentials too: a changed Secret rotates them
+            _restrict_auth(acl)
             acl.chap_userid = chap.chap_user if chap else ""
             acl.chap_password = chap.chap_password if chap else ""
             acl.chap_mutual_userid = chap.chap_mutual_user if chap else ""
             acl.chap_mutual_password = chap.chap_mutual_password if chap else ""
         tpg.enable = True
         context = {
-            "transport": self.protocol,
-            "iqn": target.wwn,
-            "portals": ",".join(f"{ip}:{port}" for ip, port in self.addresses),
-            "serial": uuid,
+            CTX_TRANSPORT: self.protocol,
+            CTX_IQN: target.wwn,
+            CTX_PORTALS: ",".join(f"{ip}:{port}" for ip, port in self.addresses),
+            CTX_SERIAL: uuid,
         }
         if chap:
-            context["auth"] = "chap-mutual" if chap.chap_mutual_user else "chap"
+            context[CTX_AUTH] = "chap-mutual" if chap.chap_mutual_user else "chap"
         return context
 
     def resize(self, backend_id: str) -> None:

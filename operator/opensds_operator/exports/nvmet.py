@@ -9,7 +9,18 @@ to each subsystem. Plain file writes and mkdir/symlink: no shelling out per attr
 DH-HMAC-CHAP: nvmet keeps keys per host entry, and host entries are shared by every subsystem,
 so a node's key is one for all exports of this target: an authenticated export writes the
 Secret's keys into the published hosts' entries (a changed Secret rotates them; established
-connections stay), and the host must then authenticate to every subsystem here.
+connections stay), and the host must then authenticate to every subsystem here. The key
+attributes are made 0600 before a key is written (configfs creates them world-readable).
+
+Unpublish cuts live connections: nvmet checks allowed_hosts only when a host connects, so a
+host removed from it keeps its controllers (and keeps writing). Unlinking the subsystem from
+its ports deletes every controller of the subsystem there; once allowed_hosts is converged the
+ports are linked again. The removed host's reconnect is then refused (with DNR: the host
+deletes the controller and fails its queued I/O), while the hosts still allowed reconnect on
+their own after their reconnect_delay (10 s by default; I/O waits meanwhile, it does not fail,
+within ctrl_loss_tmo, 600 s by default). Ports are unlinked before allowed_hosts changes and
+re-linked after, so a dock that dies in between leaves the subsystem unreachable, never the
+removed host connected; the next reconcile links the ports again.
 """
 from __future__ import annotations
 
@@ -18,12 +29,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..api import CTX_ADDRESSES, CTX_AUTH, CTX_NQN, CTX_TRANSPORT, CTX_UUID
 from ..drivers.base import DriverError, PermanentDriverError
 from .base import NQN_PREFIX, ExportAuth, node_host_nqn, volume_nqn
 
 log = logging.getLogger(__name__)
 CONFIGFS = Path("/sys/kernel/config/nvmet")
 NSID = "1"
+SECRET_MODE = 0o600  # configfs makes attributes 0644: keys must not be readable by every local user
 
 
 def _read(path: Path) -> str:
@@ -72,6 +85,7 @@ class NvmetExporter:
     def export(self, backend_id: str, device: str, uuid: str, nodes: Sequence[str],
                auth: ExportAuth | None = None) -> dict[str, str]:
         self._check()
+        wanted = {node_host_nqn(n) for n in nodes}  # refuses names that are no node names, before any change
         nqn = volume_nqn(backend_id)
         subsystem = self.root / "subsystems" / nqn
         subsystem.mkdir(exist_ok=True)
@@ -84,12 +98,13 @@ class NvmetExporter:
             _write(namespace / "device_uuid", uuid)
             _write(namespace / "device_nguid", uuid)
             _write(namespace / "enable", "1")
-        wanted = {node_host_nqn(n) for n in nodes}
         allowed = subsystem / "allowed_hosts"
-        for link in allowed.iterdir():
-            if link.name not in wanted:
-                link.unlink()
-                log.info("%s: host %s no longer allowed", nqn, link.name)
+        revoked = [link for link in allowed.iterdir() if link.name not in wanted]
+        if revoked:
+            self._drop_controllers(nqn)
+        for link in revoked:
+            link.unlink()
+            log.info("%s: host %s no longer allowed; its connections were cut", nqn, link.name)
         for host_nqn in sorted(wanted):
             host = self.root / "hosts" / host_nqn
             host.mkdir(exist_ok=True)
@@ -103,14 +118,20 @@ class NvmetExporter:
                 os.symlink(subsystem, link)
         self._forget_unused_hosts()
         context = {
-            "transport": self.protocol,
-            "nqn": nqn,
-            "addresses": ",".join(f"{ip}:{port}" for ip, port in self.addresses),
-            "uuid": uuid,
+            CTX_TRANSPORT: self.protocol,
+            CTX_NQN: nqn,
+            CTX_ADDRESSES: ",".join(f"{ip}:{port}" for ip, port in self.addresses),
+            CTX_UUID: uuid,
         }
         if auth and auth.dhchap_host_key:
-            context["auth"] = "dhchap-bidirectional" if auth.dhchap_ctrl_key else "dhchap"
+            context[CTX_AUTH] = "dhchap-bidirectional" if auth.dhchap_ctrl_key else "dhchap"
         return context
+
+    def _drop_controllers(self, nqn: str) -> None:
+        """Unlink the subsystem from every port: the kernel deletes its controllers there (the
+        caller links the ports again once allowed_hosts no longer lists the revoked hosts)."""
+        for port in (self.root / "ports").iterdir():
+            (port / "subsystems" / nqn).unlink(missing_ok=True)
 
     @staticmethod
     def _set_keys(host: Path, auth: ExportAuth) -> None:
@@ -118,6 +139,9 @@ class NvmetExporter:
             raise PermanentDriverError("this kernel's nvmet has no DH-HMAC-CHAP (CONFIG_NVME_TARGET_AUTH); "
                                        "drop dhchapHostKey from the Secret or use a kernel with it")
         try:
+            for attribute in ("dhchap_key", "dhchap_ctrl_key"):
+                if (host / attribute).exists():
+                    os.chmod(host / attribute, SECRET_MODE)  # before the key is in it
             _write(host / "dhchap_key", auth.dhchap_host_key)
             if auth.dhchap_ctrl_key:
                 _write(host / "dhchap_ctrl_key", auth.dhchap_ctrl_key)
