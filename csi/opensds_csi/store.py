@@ -19,7 +19,7 @@ from typing import Any
 
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
+from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
 from opensds_operator import kube
 from opensds_operator.api import GROUP, SNAPSHOTS, VERSION, VOLUMES
@@ -159,6 +159,10 @@ class ObjectStore:
             except (ReadTimeoutError, ProtocolError) as e:
                 # Silent past the server's own timeout, or cut mid-stream: resume from the last version.
                 log.warning("watch of %s stalled or broke (%s); reconnecting", plural, type(e).__name__)
+            except HTTPError as e:  # refused/reset while the apiserver restarts: expected, no traceback
+                log.warning("watch of %s: API unreachable (%s); relisting", plural, type(e).__name__)
+                rv = None
+                time.sleep(1)
             except ApiException as e:
                 log.warning("watch of %s failed: %s; relisting", plural, e.reason)
                 rv = None
