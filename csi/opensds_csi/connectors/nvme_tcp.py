@@ -15,8 +15,10 @@ kernel's native NVMe multipath presents one device for the namespace.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,8 +43,11 @@ from ..mounts import bounded
 from ..run import run
 from .base import context_field, require_uid, sys_block, wait_for_device
 
+log = logging.getLogger(__name__)
 FABRICS = Path("/dev/nvme-fabrics")
-CONNECT_TIMEOUT = 60.0
+# Above the kernel's own admin command timeout (60 s): a target that stops answering during
+# DH-HMAC-CHAP makes the kernel wait that long before it reports the failure.
+CONNECT_TIMEOUT = 100.0
 _DHCHAP_KEY = re.compile(r"DHHC-1:[0-9a-f]{2}:[A-Za-z0-9+/]+={0,2}:")
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9.:_\[\]-]+")  # NQNs, addresses, ports: nothing that splits options
 
@@ -142,7 +147,11 @@ class NvmeTcpConnector:
         if not FABRICS.exists():
             run("modprobe", "nvme-fabrics", ok_codes=(0, 1))
         run("modprobe", "nvme-tcp", ok_codes=(0, 1))  # the kernel would request it too; be explicit
-        done = bounded(f"nvme-connect:{nqn}", lambda: fabrics_connect(options), CONNECT_TIMEOUT)
+        started = time.monotonic()
+        try:
+            done = bounded(f"nvme-connect:{nqn}", lambda: fabrics_connect(options), CONNECT_TIMEOUT)
+        finally:
+            log.info("connect to %s took %.1f s", nqn, time.monotonic() - started)
         if done is None:
             raise DeadlineExceeded(f"connecting to {nqn} did not finish within {CONNECT_TIMEOUT:g} s")
 
