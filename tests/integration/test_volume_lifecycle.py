@@ -1,11 +1,13 @@
 """Backend, profile, volume and snapshot lifecycle through the real operator and dock on the file backend."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -183,3 +185,109 @@ def test_backend_in_use_is_not_deleted(cluster: Cluster, stack: Stack, namespace
     backend = crs.get("storagebackends", stack.backend)
     assert "opensds.io/operator-protection" in backend["metadata"]["finalizers"]
     crs.delete("volumes", "pin")
+
+
+# ---------------------------------------------------------------- issue 9 item 11: foreign classes
+
+VSC = ("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses")
+
+
+def _foreign_classes(cluster: Cluster, name: str) -> tuple[str, str]:
+    """A StorageClass and a VolumeSnapshotClass named `name` that someone else made; their UIDs."""
+    sc = client.StorageV1Api(cluster.api).create_storage_class(client.V1StorageClass(
+        metadata=client.V1ObjectMeta(name=name), provisioner="example.com/someone-else",
+        parameters={"tier": "theirs"}))
+    vsc = client.CustomObjectsApi(cluster.api).create_cluster_custom_object(*VSC, {
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass", "metadata": {"name": name},
+        "driver": "example.com/someone-else", "deletionPolicy": "Retain"})
+    return sc.metadata.uid, vsc["metadata"]["uid"]
+
+
+def _remove_classes(cluster: Cluster, name: str) -> None:
+    deletes: list[Callable[[], object]] = [
+        lambda: client.StorageV1Api(cluster.api).delete_storage_class(name),
+        lambda: client.CustomObjectsApi(cluster.api).delete_cluster_custom_object(*VSC, name)]
+    for delete in deletes:
+        try:
+            delete()
+        except client.exceptions.ApiException as e:
+            if e.status != 404:
+                raise
+
+
+def test_profile_named_like_foreign_classes_never_touches_them_and_reports_name_conflict(
+        cluster: Cluster, stack: Stack) -> None:
+    """The old operator deleted the other StorageClass and replaced it (and replaced the other
+    VolumeSnapshotClass); deleting the profile then deleted them for good."""
+    crs, storage = CRs(cluster.api), client.StorageV1Api(cluster.api)
+    snapshot_classes = client.CustomObjectsApi(cluster.api)
+    name = f"p-{uuid.uuid4().hex[:6]}"
+    sc_uid, vsc_uid = _foreign_classes(cluster, name)
+    try:
+        crs.create("storageprofiles", "StorageProfile", name, {"storageType": "block", "accessProtocol": "local"})
+        conflict: Any = wait_for(lambda: (c := condition(crs.get("storageprofiles", name), "NameConflict"))
+                            and c["status"] == "True" and c, 30, "NameConflict condition")
+        assert f"StorageClass {name}" in conflict["message"] and f"VolumeSnapshotClass {name}" in conflict["message"]
+        assert condition(crs.get("storageprofiles", name), "Ready")["status"] == "False"  # type: ignore[index]
+        wait_for(lambda: any(e.startswith("NameConflict:") for e in events_for(cluster.api, "default", name)),
+                 30, "NameConflict Warning Event")
+        sc = storage.read_storage_class(name)
+        assert (sc.metadata.uid, sc.provisioner, sc.parameters) == (sc_uid, "example.com/someone-else",
+                                                                    {"tier": "theirs"})
+        vsc = snapshot_classes.get_cluster_custom_object(*VSC, name)
+        assert (vsc["metadata"]["uid"], vsc["driver"]) == (vsc_uid, "example.com/someone-else")
+
+        crs.delete("storageprofiles", name)
+        wait_for(lambda: not crs.exists("storageprofiles", name), 30, "profile deleted")
+        assert storage.read_storage_class(name).metadata.uid == sc_uid  # still there, still theirs
+        assert snapshot_classes.get_cluster_custom_object(*VSC, name)["metadata"]["uid"] == vsc_uid
+    finally:
+        crs.delete_if_present("storageprofiles", name)
+        _remove_classes(cluster, name)
+
+
+def test_name_conflict_clears_once_the_foreign_class_is_gone(cluster: Cluster, stack: Stack,
+                                                             profiles: Profiles) -> None:
+    crs, storage = CRs(cluster.api), client.StorageV1Api(cluster.api)
+    name = f"p-{uuid.uuid4().hex[:6]}"
+    storage.create_storage_class(client.V1StorageClass(metadata=client.V1ObjectMeta(name=name),
+                                                       provisioner="example.com/someone-else"))
+    try:
+        crs.create("storageprofiles", "StorageProfile", name, {"storageType": "block", "accessProtocol": "local"})
+        wait_for(lambda: (condition(crs.get("storageprofiles", name), "NameConflict") or {}).get("status") == "True",
+                 30, "NameConflict condition")
+        storage.delete_storage_class(name)
+        wait_for(lambda: (condition(crs.get("storageprofiles", name), "NameConflict") or {}).get("status") == "False",
+                 90, "NameConflict resolved")
+        sc = storage.read_storage_class(name)
+        assert sc.provisioner == "block.csi.opensds.io"
+        assert sc.metadata.labels["app.kubernetes.io/managed-by"] == "opensds-operator"
+        assert condition(crs.get("storageprofiles", name), "Ready")["status"] == "True"  # type: ignore[index]
+    finally:
+        crs.delete_if_present("storageprofiles", name)
+        wait_for(lambda: not crs.exists("storageprofiles", name), 30, "profile deleted")
+        _remove_classes(cluster, name)
+
+
+# ---------------------------------------------------------------- issue 9 item 9: authenticated by default
+
+def test_network_profiles_without_a_secret_get_generated_credentials_unless_they_opt_out(
+        cluster: Cluster, stack: Stack, profiles: Profiles) -> None:
+    """The old operator made a StorageClass without node-stage secret: exports took any initiator
+    claiming a node's NQN/IQN."""
+    from opensds_operator.credentials import SECRET_NAME, dhchap_secret_valid
+
+    storage = client.StorageV1Api(cluster.api)
+    nvme, iscsi = profiles(accessProtocol="nvmeof-tcp"), profiles(accessProtocol="iscsi")
+    opted_out = profiles(accessProtocol="iscsi", unauthenticatedExports=True)
+    for name in (nvme, iscsi):
+        sc: Any = wait_for(lambda n=name: storage.read_storage_class(n), 30, f"StorageClass {name}")  # type: ignore[misc]
+        assert sc.parameters["csi.storage.k8s.io/node-stage-secret-name"] == SECRET_NAME
+        assert sc.parameters["csi.storage.k8s.io/node-stage-secret-namespace"] == "opensds-system"
+    open_sc: Any = wait_for(lambda: storage.read_storage_class(opted_out), 30, "StorageClass of the opted-out profile")
+    assert "csi.storage.k8s.io/node-stage-secret-name" not in open_sc.parameters
+    secret = client.CoreV1Api(cluster.api).read_namespaced_secret(SECRET_NAME, "opensds-system")
+    data = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+    assert dhchap_secret_valid(data["dhchapHostKey"]) and dhchap_secret_valid(data["dhchapCtrlKey"])
+    assert len(data["chapPassword"]) >= 16 and data["chapUser"]
+    assert secret.metadata.labels["app.kubernetes.io/managed-by"] == "opensds-operator"
