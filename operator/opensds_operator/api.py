@@ -8,6 +8,7 @@ as gRPC codes. Nothing here imports anything: both sides can depend on it cheapl
 """
 from __future__ import annotations
 
+import hashlib
 import re
 
 GROUP = "opensds.io"
@@ -32,7 +33,18 @@ MANAGED_BY = "opensds-operator"
 
 # Finalizers: the operator guards profiles/backends in use, the dock guards backend objects.
 OPERATOR_FINALIZER = "opensds.io/operator-protection"
-DOCK_FINALIZER = "opensds.io/dock-protection"
+DOCK_FINALIZER = "opensds.io/dock-protection"  # objects of docks older than dock_finalizer()
+
+
+def dock_finalizer(backend: str) -> str:
+    """The finalizer of the dock serving `backend`: each dock has its own.
+
+    kopf removes its finalizer from every object none of its handlers match, so with one name
+    shared by all docks each dock stripped the others' (their Volumes then failed the dock's
+    guard and stayed Creating, or were deleted without their dock)."""
+    if len(backend) <= 63:
+        return f"dock.opensds.io/{backend}"
+    return f"dock.opensds.io/{backend[:52]}-{hashlib.sha256(backend.encode()).hexdigest()[:10]}"
 
 # Volume phases (status.phase)
 PENDING, CREATING, AVAILABLE, EXPANDING, DELETING, ERROR = (

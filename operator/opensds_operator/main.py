@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from . import kube
-from .api import BACKENDS, CODE_INVALID_PARAMETERS, DOCK_FINALIZER, OPERATOR_FINALIZER, READY
+from .api import BACKENDS, CODE_INVALID_PARAMETERS, DOCK_FINALIZER, OPERATOR_FINALIZER, READY, dock_finalizer
 from .conditions import set_condition
 from .drivers import make_driver
 from .drivers.base import Driver, PermanentDriverError
@@ -24,14 +24,18 @@ PERSISTENCE_PREFIX = {"operator": "operator.opensds.io", "dock": "dock.opensds.i
 FINALIZER = {"operator": OPERATOR_FINALIZER, "dock": DOCK_FINALIZER}
 
 
-def settings_for(role: str) -> kopf.OperatorSettings:
-    """Operator and docks handle the same objects: each keeps its own kopf state and finalizer."""
+def settings_for(role: str, backend: str | None = None) -> kopf.OperatorSettings:
+    """Operator and docks handle the same objects: each keeps its own kopf state and finalizer.
+
+    Every dock (one per backend) sees every object: its finalizer and last-handled state are
+    its backend's own, or one dock strips another's finalizer and records as handled a change
+    (a resize) that the other dock has yet to act on."""
     settings = kopf.OperatorSettings()
     prefix = PERSISTENCE_PREFIX[role]
-    settings.persistence.finalizer = FINALIZER[role]
+    settings.persistence.finalizer = dock_finalizer(backend) if backend else FINALIZER[role]
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=prefix, key="last-handled-configuration")
+        prefix=prefix, key="last-handled-configuration" + (f".{backend}" if backend else ""))
     settings.posting.level = logging.WARNING  # handler chatter stays in logs; Events are ours
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 32
@@ -167,7 +171,7 @@ def run_dock() -> None:
 
     threading.Thread(target=watch_lease, name="lease-watch", daemon=True).start()
     try:
-        kopf.run(registry=registry, settings=settings_for("dock"), standalone=True, clusterwide=True,
+        kopf.run(registry=registry, settings=settings_for("dock", args.backend), standalone=True, clusterwide=True,
                  liveness_endpoint=args.liveness, stop_flag=stop)
     finally:
         lease.release()

@@ -48,6 +48,7 @@ from ..api import (
     SNAPSHOTS,
     VERSION,
     VOLUMES,
+    dock_finalizer,
     snapshot_backend_id,
     volume_backend_id,
 )
@@ -91,7 +92,7 @@ class DockApi(Protocol):
     def cluster_id(self) -> str: ...
 
 
-def guarded(obj: dict[str, Any] | None) -> bool:
+def guarded(obj: dict[str, Any] | None, finalizer: str = DOCK_FINALIZER) -> bool:
     """True when the CR still exists, is not being deleted, and carries the dock's finalizer.
 
     The apiserver can complete a DELETE that raced with adding our finalizer, so the dock
@@ -101,7 +102,8 @@ def guarded(obj: dict[str, Any] | None) -> bool:
     if obj is None:
         return False
     meta = obj.get("metadata", {})
-    return not meta.get("deletionTimestamp") and DOCK_FINALIZER in (meta.get("finalizers") or [])
+    present = meta.get("finalizers") or []
+    return not meta.get("deletionTimestamp") and (finalizer in present or DOCK_FINALIZER in present)
 
 
 def scheduled(status: dict[str, Any]) -> bool:
@@ -163,7 +165,7 @@ class Dock:
         """Write what is about to happen into status; raise ObjectGone unless it is still wanted."""
         meta = body["metadata"]
         result = self.api.patch_status(plural, meta["name"], status, meta["namespace"])
-        if not guarded(result) or (result or {})["metadata"]["uid"] != meta["uid"]:
+        if not guarded(result, dock_finalizer(self.backend)) or (result or {})["metadata"]["uid"] != meta["uid"]:
             raise ObjectGone(f"{plural} {meta['namespace']}/{meta['name']} is gone or being deleted")
 
     def owner(self, body: kopf.Body | dict[str, Any], kind: str, retained: bool = False) -> Owner:
