@@ -44,6 +44,7 @@ def mapped_device(pool: str, image: str) -> str | None:
 @contextlib.contextmanager
 def _key_file(key: str) -> Iterator[str]:
     Path(KEY_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(KEY_DIR, 0o700)  # also when an older release (or a human) made it with wider rights
     fd, path = tempfile.mkstemp(dir=KEY_DIR, prefix="cephx-")
     try:
         with os.fdopen(fd, "w") as f:  # mkstemp creates it 0600
