@@ -37,7 +37,7 @@ sed "s|NODE_NAME|$NODE|g" "$ROOT/hack/local-node.yaml" | "${KUBECTL[@]}" apply -
 start csi-controller "$VENV/bin/opensds-csi" --role controller --namespace opensds-system \
   --endpoint "unix://$RUN/csi/controller.sock"
 start csi-node "$VENV/bin/opensds-csi" --role node --node-id "$NODE" --state-dir "$RUN/csi/node-state" \
-  --endpoint "unix://$RUN/csi/node.sock"
+  --local-root "$RUN/backend" --endpoint "unix://$RUN/csi/node.sock"
 while IFS=: read -r sidecar flags; do
   [[ -z $sidecar || $sidecar == \#* ]] && continue
   # shellcheck disable=SC2086  # flags are words

@@ -31,7 +31,11 @@ if [[ -n ${OPENSDS_VM_APISERVER:-} ]]; then
   qemu_net=("--qemu-opts=-netdev 'user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:$port-cmd:socat - TCP:127.0.0.1:$port' -device virtio-net-pci,netdev=n0")
   guest_net="ip link set lo up; dev=\$(ls /sys/class/net | grep -v '^lo\$' | head -n1); ip addr add 10.0.2.15/24 dev \$dev; ip link set \$dev up"
 fi
-cat > "$SCRATCH/run.sh" <<SCRIPT
+# One script per run: bash reads a script as it runs, so a shared name would let a second
+# run rewrite the first one's commands mid-flight.
+run_script=$(mktemp "$SCRATCH/run.XXXXXX.sh")
+trap 'rm -f "$run_script"' EXIT
+cat > "$run_script" <<SCRIPT
 set -e
 $guest_net
 export PATH=$VENV/bin:\$PATH PYTHONDONTWRITEBYTECODE=1 OPENSDS_IN_VM=1 OPENSDS_VM_SCRATCH=$SCRATCH
@@ -51,4 +55,4 @@ export PATH=$VENV/bin:$PATH
 # QEMU reopens the console as /proc/self/fd/1, which truncates a redirected log file: keep
 # stdout and stderr a pipe (pipefail keeps the command's exit code).
 vng --run "$KERNEL" --disable-kvm --force-9p --user root --memory "${OPENSDS_VM_MEMORY:-2G}" \
-  --cpus 2 --rwdir "$SCRATCH" "${qemu_net[@]}" --exec "bash $SCRATCH/run.sh" 2>&1 | cat
+  --cpus 2 --rwdir "$SCRATCH" "${qemu_net[@]}" --exec "bash $run_script" 2>&1 | cat

@@ -289,7 +289,8 @@ def csi_plugin(stack: Stack, cluster: Cluster, tmp_path_factory: pytest.TempPath
                         base / "csi-controller.log", kubeconfig)
     node = _spawn([str(venv_bin / "opensds-csi"), "--role", "node", "--node-id", NODE,
                    "--topology", f"{ZONE_KEY}={ZONE}", "--state-dir", str(base / "node-state"),
-                   "--endpoint", f"unix://{base}/node.sock", *verbose], base / "csi-node.log", kubeconfig)
+                   "--local-root", str(stack.backend_dir), "--endpoint", f"unix://{base}/node.sock", *verbose],
+                  base / "csi-node.log", kubeconfig)
     try:
         wait_for_socket(base / "controller.sock", controller)
         wait_for_socket(base / "node.sock", node)

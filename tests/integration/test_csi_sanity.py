@@ -22,7 +22,7 @@ import yaml
 
 from opensds_csi.mounts import mounts
 
-from .conftest import NODE, ROOT, ZONE, ZONE_KEY, CsiPlugin, _spawn, wait_for_socket
+from .conftest import NODE, ROOT, ZONE, ZONE_KEY, CsiPlugin, Stack, _spawn, wait_for_socket
 
 MIB = 1 << 20
 
@@ -33,12 +33,13 @@ def loop_devices_available() -> bool:
 
 @pytest.mark.skipif(not loop_devices_available(), reason="needs root and loop devices for the node plugin")
 @pytest.mark.timeout(900)
-def test_csi_sanity_passes_against_controller_and_node(csi_plugin: CsiPlugin, tmp_path: Path) -> None:
+def test_csi_sanity_passes_against_controller_and_node(csi_plugin: CsiPlugin, stack: Stack, tmp_path: Path) -> None:
     venv_bin = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
     socket = csi_plugin.dir / "sanity.sock"
     plugin = _spawn([str(venv_bin / "opensds-csi"), "--role", "all", "--namespace", "opensds-system",
                      "--node-id", NODE, "--topology", f"{ZONE_KEY}={ZONE}", "--state-dir", str(tmp_path / "state"),
-                     "--endpoint", f"unix://{socket}"], csi_plugin.dir / "csi-sanity-plugin.log", csi_plugin.kubeconfig)
+                     "--local-root", str(stack.backend_dir), "--endpoint", f"unix://{socket}"],
+                    csi_plugin.dir / "csi-sanity-plugin.log", csi_plugin.kubeconfig)
     try:
         wait_for_socket(socket, plugin)
         run_sanity(f"unix://{socket}", csi_plugin.profile, tmp_path)

@@ -46,7 +46,8 @@ def test_dock_restarted_while_a_volume_file_is_missing_reports_it_and_never_make
     assert "not re-created" in ready["message"]  # type: ignore[index]
     assert crs.get("volumes", "data")["status"]["code"] == "BackendObjectMissing"
     assert not image.exists(), "the dock made a blank volume in place of the missing one"
-    assert any(e.startswith("BackendObjectMissing") for e in events_for(cluster.api, namespace, "data"))
+    wait_for(lambda: any(e.startswith("BackendObjectMissing") for e in events_for(cluster.api, namespace, "data")),
+             10, "a BackendObjectMissing Event")
 
     aside.rename(image)  # the disk is back
     processes.kill("dock")
