@@ -12,6 +12,6 @@ cleanup() { if ((started)) && [[ ${OPENSDS_KEEP_CLUSTER:-0} != 1 ]]; then bash "
 trap cleanup EXIT
 KUBECONFIG=$ROOT/.cluster/admin.kubeconfig
 "$ROOT/bin/kubectl" --kubeconfig "$KUBECONFIG" apply --server-side --force-conflicts \
-  -f "$ROOT/crds" -f "$ROOT/bin/snapshot-crds" >/dev/null
+  -f "$ROOT/crds" -f "$ROOT/bin/snapshot-crds" -f "$ROOT/manifests/base/namespace.yaml" >/dev/null
 "$ROOT/bin/kubectl" --kubeconfig "$KUBECONFIG" wait --for condition=Established --timeout 60s crd --all >/dev/null
 OPENSDS_VM_APISERVER=$KUBECONFIG bash "$ROOT/hack/vm.sh" python -m pytest -q -rs -p no:cacheprovider e2e/vm "$@"

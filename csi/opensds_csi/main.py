@@ -14,6 +14,7 @@ import sys
 from types import FrameType
 
 import grpc
+from opensds_operator.api import valid_node_name
 
 from .identity import IdentityService
 from .proto import csi_pb2_grpc
@@ -51,6 +52,8 @@ def build(args: argparse.Namespace) -> grpc.Server:
 
         if not args.node_id:
             raise SystemExit("--node-id (or $NODE_NAME) is required for the node role")
+        if not valid_node_name(args.node_id):  # it becomes this node's NQN/IQN and configfs names
+            raise SystemExit(f"--node-id {args.node_id!r} is not a Kubernetes node name (DNS-1123 subdomain)")
         topology = {NODE_TOPOLOGY_KEY: args.node_id, **_topology(args.topology)}
         csi_pb2_grpc.add_NodeServicer_to_server(
             NodeService(args.node_id, topology, args.state_dir, args.max_volumes,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import logging
 import os
 import threading
@@ -24,6 +25,17 @@ PERSISTENCE_PREFIX = {"operator": "operator.opensds.io", "dock": "dock.opensds.i
 FINALIZER = {"operator": OPERATOR_FINALIZER, "dock": DOCK_FINALIZER}
 
 
+def _diffbase_key(backend: str | None) -> str:
+    """kopf's last-handled annotation name, per backend for docks; an annotation name is at most
+    63 characters, so long backend names are shortened with a hash of the whole name."""
+    key = "last-handled-configuration"
+    if not backend:
+        return key
+    if len(key) + 1 + len(backend) <= 63:
+        return f"{key}.{backend}"
+    return f"{key}.{backend[:24]}-{hashlib.sha256(backend.encode()).hexdigest()[:10]}"
+
+
 def settings_for(role: str, backend: str | None = None) -> kopf.OperatorSettings:
     """Operator and docks handle the same objects: each keeps its own kopf state and finalizer.
 
@@ -35,7 +47,7 @@ def settings_for(role: str, backend: str | None = None) -> kopf.OperatorSettings
     settings.persistence.finalizer = dock_finalizer(backend) if backend else FINALIZER[role]
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=prefix, key="last-handled-configuration" + (f".{backend}" if backend else ""))
+        prefix=prefix, key=_diffbase_key(backend))
     settings.posting.level = logging.WARNING  # handler chatter stays in logs; Events are ours
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 32

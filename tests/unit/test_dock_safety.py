@@ -79,6 +79,11 @@ class FakeApi:
     def secret_data(self, name: str, namespace: str) -> dict[str, str] | None:
         return None
 
+    def remove_finalizer(self, plural: str, name: str, finalizer: str, namespace: str | None = None) -> None:
+        obj = self.objects.get((plural, namespace, name))
+        if obj is not None and finalizer in obj["metadata"]["finalizers"]:
+            obj["metadata"]["finalizers"].remove(finalizer)
+
     def cluster_id(self) -> str:
         return CLUSTER
 
@@ -273,3 +278,13 @@ def test_quarantined_object_is_reported_in_backend_status(api: FakeApi, dock: Do
                          owner=Owner(CLUSTER, BACKEND, "Volume", NS, "gone", orphan[4:]))
     dock.collect_orphans()
     assert api.get(BACKENDS, BACKEND)["status"]["quarantinedObjects"] == 1  # type: ignore[index]
+
+
+def test_deleting_an_object_made_before_per_backend_finalizers_releases_the_shared_one_too(
+        api: FakeApi, dock: Dock, driver: FileDriver) -> None:
+    _volume(api)
+    dock.reconcile_volume(_body(api, VOLUMES, "data"))
+    assert DOCK_FINALIZER in api.objects[(VOLUMES, NS, "data")]["metadata"]["finalizers"]
+    dock.delete_volume(_body(api, VOLUMES, "data"))
+    assert DOCK_FINALIZER not in api.objects[(VOLUMES, NS, "data")]["metadata"]["finalizers"], (
+        "the legacy finalizer would keep the Volume forever")

@@ -89,6 +89,8 @@ class DockApi(Protocol):
 
     def secret_data(self, name: str, namespace: str) -> dict[str, str] | None: ...
 
+    def remove_finalizer(self, plural: str, name: str, finalizer: str, namespace: str | None = None) -> None: ...
+
     def cluster_id(self) -> str: ...
 
 
@@ -403,12 +405,14 @@ class Dock:
                 self.api.post_event(dict(body), "Retained",
                                     f"{backend_id} kept on {self.backend} (reclaimPolicy Retain)",
                                     component="opensds-dock")
+                self._drop_legacy_finalizer(VOLUMES, body)
                 return
             log.info("deleting %s of %s/%s", backend_id, meta["namespace"], meta["name"])
             self.driver.delete_volume(backend_id, spec["pool"])
         except (DriverError, OSError) as e:
             self._fail(VOLUMES, body, e, phase=None)
             raise kopf.TemporaryError(str(e), delay=10) from e
+        self._drop_legacy_finalizer(VOLUMES, body)
         self.capacity_changed()
 
     # ------------------------------------------------------------ snapshots
@@ -474,7 +478,15 @@ class Dock:
             self.driver.delete_snapshot(snapshot_backend_id(meta["uid"]), meta["labels"][POOL_LABEL])
         except (DriverError, OSError) as e:
             raise kopf.TemporaryError(str(e), delay=10) from e
+        self._drop_legacy_finalizer(SNAPSHOTS, body)
         self.capacity_changed()
+
+    def _drop_legacy_finalizer(self, plural: str, body: kopf.Body) -> None:
+        """Objects made before per-backend finalizers also carry the shared one: the backend
+        object is gone now, so release it too (kopf only removes its own)."""
+        meta = body["metadata"]
+        if DOCK_FINALIZER in (meta.get("finalizers") or []):
+            self.api.remove_finalizer(plural, meta["name"], DOCK_FINALIZER, meta["namespace"])
 
     # ------------------------------------------------------------ orphans
 
