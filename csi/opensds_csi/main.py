@@ -14,6 +14,7 @@ import sys
 from types import FrameType
 
 import grpc
+
 from opensds_operator.api import valid_node_name
 
 from .identity import IdentityService
