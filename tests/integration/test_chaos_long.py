@@ -83,9 +83,22 @@ def call(fn: Callable[[], T], what: str, deadline_s: float = 180) -> T:
 
 
 def restart_apiserver() -> None:
-    pid = int((CLUSTER_DIR / "run" / "kube-apiserver.pid").read_text())
+    """SIGKILL the kube-apiserver and start it again with hack/cluster.sh."""
+    pid_file = CLUSTER_DIR / "run" / "kube-apiserver.pid"
+    pid = int(pid_file.read_text())
     os.kill(pid, signal.SIGKILL)
-    time.sleep(1)
+    # Its parent shell is gone, and not every init reaps at once: a zombie still answers
+    # `kill -0`, which would make cluster.sh think it is running. Wait for it to die, then
+    # drop the pid file.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                break
+        except (FileNotFoundError, IndexError):
+            break
+        time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
     subprocess.run(["bash", str(CLUSTER_SH), "up"], check=True, capture_output=True)
 
 
@@ -156,7 +169,16 @@ def test_chaos_kills_and_an_apiserver_restart_leak_nothing_and_change_no_data(
                 checksums[volume_id] = digest
                 survivors.add(path.name)
 
+    chaos_errors: list[BaseException] = []
+
     def chaos() -> None:
+        try:
+            run_chaos()
+        except BaseException as e:  # surfaced by the test below, not lost with the thread
+            chaos_errors.append(e)
+            raise
+
+    def run_chaos() -> None:
         victims = ["operator", "dock", "controller"]
         while not stop.wait(rng.uniform(8, 12)):
             if not apiserver_restarted.is_set() and ops[0] >= OPS // 3:
@@ -181,9 +203,12 @@ def test_chaos_kills_and_an_apiserver_restart_leak_nothing_and_change_no_data(
     finally:
         stop.set()
         chaos_thread.join()
+    assert not chaos_errors, f"the chaos thread failed: {chaos_errors[0]!r}"
     for which in ("operator", "dock"):
         if which not in processes.procs:
             processes.start(which)
+    if controller.proc is None or controller.proc.poll() is not None:
+        controller.start()
     settle_start = time.monotonic()
 
     def settled() -> bool:
