@@ -45,15 +45,27 @@ class Stack:
         self.bindir = Path(sys.executable).parent
         self.log = open(SCRATCH / f"{backend}.log", "ab")  # noqa: SIM115
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.dock_args: list[str] = []  # extra flags for the next dock start (e.g. a short quarantine)
 
     def start(self, which: str) -> None:
         args = ([str(self.bindir / "opensds-operator")] if which == "operator" else
-                [str(self.bindir / "opensds-dock"), "--backend", self.backend, "--capacity-interval", "5"])
+                [str(self.bindir / "opensds-dock"), "--backend", self.backend, "--capacity-interval", "5",
+                 *self.dock_args])
         self.procs[which] = subprocess.Popen(args, env=self.env, stdout=self.log, stderr=self.log)
 
     def stop(self, which: str) -> None:
         proc = self.procs.pop(which)
         proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:  # under TCG a dock can take longer to wind down
+            proc.kill()
+            proc.wait(20)
+
+    def kill(self, which: str) -> None:
+        """SIGKILL, as a crash or a node reboot would end it."""
+        proc = self.procs.pop(which)
+        proc.kill()
         proc.wait(20)
 
 

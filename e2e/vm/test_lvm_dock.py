@@ -6,13 +6,19 @@ QEMU's guestfwd (hack/vm.sh with OPENSDS_VM_APISERVER). Data is checked on the L
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client, config
+
+from opensds_operator.drivers.base import Owner
+from opensds_operator.drivers.lvm import LvmDriver
 
 from .kernel import sh
 from .nodeplugin import write_at
@@ -159,3 +165,117 @@ def test_nvmeof_export_follows_published_nodes_and_is_rebuilt_after_a_dock_resta
     finally:
         server.stop(None)
         crs.delete_cluster_custom_object(G, V, "storageprofiles", profile)
+
+
+# ---------------------------------------------------------------- data safety (issue 9, items 1 and 3)
+
+
+def _lvs(vg: str) -> dict[str, str]:
+    """LV name -> its tags."""
+    doc = json.loads(sh("lvs", "--reportformat", "json", "-o", "lv_name,lv_tags", "--", vg))
+    return {r["lv_name"]: r["lv_tags"] for report in doc["report"] for r in report["lv"]}
+
+
+def _events(name: str, namespace: str) -> list[str]:
+    core = client.CoreV1Api(config.new_client_from_config(config_file=str(KUBECONFIG)))
+    events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+    return [f"{e.reason}: {e.message}" for e in events.items]
+
+
+def _pool(stack: Stack) -> str:
+    pools = wait(lambda: (stack.crs.get_cluster_custom_object(G, V, "storagebackends", stack.backend)
+                          .get("status") or {}).get("pools"), 120, "backend pools")
+    return str(pools[0]["name"])
+
+
+@pytest.fixture
+def local_profile(stack: Stack) -> Iterator[str]:
+    profile = f"lvm-{uuid.uuid4().hex[:6]}"
+    stack.crs.create_cluster_custom_object(G, V, "storageprofiles", {
+        "apiVersion": f"{G}/{V}", "kind": "StorageProfile", "metadata": {"name": profile},
+        "spec": {"storageType": "block", "accessProtocol": "local"}})
+    yield profile
+    stack.crs.delete_cluster_custom_object(G, V, "storageprofiles", profile)
+
+
+def test_lv_missing_at_dock_start_is_reported_and_never_recreated_empty(stack: Stack, local_profile: str) -> None:
+    crs, ns, vg = stack.crs, stack.ns, stack.vg
+
+    def volume() -> dict[str, Any]:
+        return crs.get_namespaced_custom_object(G, V, ns, "volumes", "data")  # type: ignore[no-any-return]
+
+    def ready() -> dict[str, Any] | None:
+        c = next((c for c in (volume().get("status") or {}).get("conditions", []) if c["type"] == "Ready"), None)
+        return c
+
+    pool = _pool(stack)
+    vol = crs.create_namespaced_custom_object(G, V, ns, "volumes", {
+        "apiVersion": f"{G}/{V}", "kind": "Volume", "metadata": {"name": "data"},
+        "spec": {"size": "64Mi", "profile": local_profile, "backend": stack.backend, "pool": pool}})
+    wait(lambda: (volume().get("status") or {}).get("phase") == "Available", 180, "Volume Available")
+    lv, aside = f"vol-{vol['metadata']['uid']}", f"aside-{vol['metadata']['uid']}"
+    write_at(f"/dev/{vg}/{lv}", 3 * MiB, os.urandom(4 * MiB))
+    original = digest(f"/dev/{vg}/{lv}", 64 * MiB)
+
+    stack.kill("dock")
+    sh("lvrename", "--", f"{vg}/{lv}", f"{vg}/{aside}")  # as an inactive VG or a wrong edit would hide it
+    stack.start("dock")
+    missing = wait(lambda: (c := ready()) and c["status"] == "False" and c["reason"] == "BackendObjectMissing" and c,
+                   180, "BackendObjectMissing")
+    assert "not re-created" in missing["message"]
+    assert volume()["status"]["code"] == "BackendObjectMissing"
+    wait(lambda: any(e.startswith("BackendObjectMissing") for e in _events("data", ns)), 60, "the Warning Event")
+    time.sleep(5)  # give a wrong dock every chance to make a blank one
+    lvs = _lvs(vg)
+    assert lv not in lvs and f"quarantine-{lv}" not in lvs, "the dock made a blank LV in place of the missing one"
+    assert aside in lvs
+
+    sh("lvrename", "--", f"{vg}/{aside}", f"{vg}/{lv}")  # the data is back
+    stack.kill("dock")
+    stack.start("dock")
+    wait(lambda: (volume().get("status") or {}).get("phase") == "Available"
+         and (ready() or {}).get("status") == "True", 180, "Available again")
+    assert digest(f"/dev/{vg}/{lv}", 64 * MiB) == original
+    crs.delete_namespaced_custom_object(G, V, ns, "volumes", "data")
+    wait(lambda: not crs.list_namespaced_custom_object(G, V, ns, "volumes")["items"], 180, "Volume gone")
+    assert lv not in _lvs(vg)
+
+
+def test_sweep_quarantines_only_its_own_orphan_lvs_and_purges_them_later(stack: Stack) -> None:
+    api = config.new_client_from_config(config_file=str(KUBECONFIG))
+    cluster = str(client.CoreV1Api(api).read_namespace("kube-system").metadata.uid)
+    pool, vg = _pool(stack), stack.vg
+    driver = LvmDriver(vg, pool)
+    ours, theirs, untagged = (f"vol-{uuid.uuid4()}" for _ in range(3))
+    driver.create_volume(ours, pool, 4 * MiB, True,
+                         owner=Owner(cluster, stack.backend, "Volume", stack.ns, "lost", ours[4:]))
+    driver.create_volume(theirs, pool, 4 * MiB, True,
+                         owner=Owner(str(uuid.uuid4()), stack.backend, "Volume", stack.ns, "x", theirs[4:]))
+    driver.create_volume(untagged, pool, 4 * MiB, True)
+    write_at(f"/dev/{vg}/{theirs}", 0, b"theirs" * 1000)
+    theirs_digest = digest(f"/dev/{vg}/{theirs}", 4 * MiB)
+
+    stack.kill("dock")
+    stack.dock_args = ["--quarantine-hours", "0.002", "--orphan-interval", "3"]
+    started = time.monotonic()
+    stack.start("dock")
+    wait(lambda: f"quarantine-{ours}" in _lvs(vg), 180, "our orphan LV quarantined")
+    quarantined = time.monotonic() - started
+    assert ours not in _lvs(vg)
+    assert "opensds.quarantined=" in _lvs(vg)[f"quarantine-{ours}"]
+    assert any(o.backend_id == ours and o.quarantined_at for o in driver.scan(pool))
+    wait(lambda: any(e.startswith("OrphanQuarantined") and ours in e for e in _events(stack.backend, "default")), 60,
+         "the OrphanQuarantined Event")
+    wait(lambda: not {ours, f"quarantine-{ours}"} & set(_lvs(vg)), 180, "quarantine purged")
+    purged = time.monotonic() - started
+    assert purged - quarantined >= 0.002 * 3600 - 2, "purged before the quarantine period was over"
+    time.sleep(8)  # more sweeps
+    lvs = _lvs(vg)
+    assert {theirs, untagged} <= set(lvs), "the sweep touched what it cannot prove is its garbage"
+    assert not {f"quarantine-{theirs}", f"quarantine-{untagged}"} & set(lvs)
+    assert digest(f"/dev/{vg}/{theirs}", 4 * MiB) == theirs_digest
+    status = stack.crs.get_cluster_custom_object(G, V, "storagebackends", stack.backend)["status"]
+    assert status["foreignObjects"] >= 2
+    print(f"quarantined after {quarantined:.1f} s, purged after {purged:.1f} s")
+    for lv in (theirs, untagged):
+        driver.delete_volume(lv, pool)
