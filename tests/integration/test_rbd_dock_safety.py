@@ -162,8 +162,8 @@ def test_renamed_image_is_reported_missing_and_never_recreated_empty(
     assert "not re-created" in ready["message"]  # type: ignore[index]
     status = crs.get("volumes", "data")["status"]
     assert status["code"] == "BackendObjectMissing"
-    warnings = [e for e in events_for(cluster.api, namespace, "data") if e.startswith("BackendObjectMissing")]
-    assert warnings, "no Warning Event"
+    wait_for(lambda: any(e.startswith("BackendObjectMissing") for e in events_for(cluster.api, namespace, "data")),
+             30, "the Warning Event")
     time.sleep(3)  # give a wrong dock every chance to make a blank one
     assert image not in rbd.images() and image not in rbd.trashed(), "the dock made a blank image in its place"
     assert aside in rbd.images()
@@ -202,7 +202,8 @@ def test_ready_snapshot_removed_behind_the_docks_back_is_not_taken_again(
     ready = wait_for(lambda: _missing(crs, "snapshots", "snap"), 60, "Snapshot BackendObjectMissing")
     assert snap_id in ready["message"]  # type: ignore[index]
     assert crs.get("snapshots", "snap")["status"]["code"] == "BackendObjectMissing"
-    assert any(e.startswith("BackendObjectMissing") for e in events_for(cluster.api, namespace, "snap"))
+    wait_for(lambda: any(e.startswith("BackendObjectMissing") for e in events_for(cluster.api, namespace, "snap")),
+             30, "the Warning Event")
     time.sleep(3)
     assert snap_id not in snaps(), "the dock took the snapshot again (of different data)"
 
@@ -245,13 +246,13 @@ def test_sweep_trashes_only_its_own_orphans_purges_them_later_and_keeps_retained
         assert ours not in rbd.images()
         assert any(o.backend_id == ours and o.quarantined_at for o in rbd.driver.scan(POOL)), "not kept aside"
         # The backend is cluster-scoped: its Events land in "default".
-        assert any(e.startswith("OrphanQuarantined") and ours in e
-                   for e in events_for(cluster.api, "default", rbd.backend))
+        wait_for(lambda: any(e.startswith("OrphanQuarantined") and ours in e
+                             for e in events_for(cluster.api, "default", rbd.backend)), 30, "OrphanQuarantined")
         wait_for(lambda: ours not in rbd.trashed() | rbd.images(), 60, "quarantine purged")
         purged = time.monotonic() - started
         assert purged - quarantined >= 0.002 * 3600 - 1, "purged before the quarantine period was over"
-        assert any(e.startswith("OrphanPurged") and ours in e
-                   for e in events_for(cluster.api, "default", rbd.backend))
+        wait_for(lambda: any(e.startswith("OrphanPurged") and ours in e
+                             for e in events_for(cluster.api, "default", rbd.backend)), 30, "OrphanPurged")
         time.sleep(4)  # one more sweep
         assert {kept_id, theirs, untagged} <= rbd.images(), "the sweep touched what it cannot prove is its garbage"
         assert not {kept_id, theirs, untagged} & rbd.trashed()
