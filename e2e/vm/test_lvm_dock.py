@@ -5,6 +5,7 @@ QEMU's guestfwd (hack/vm.sh with OPENSDS_VM_APISERVER). Data is checked on the L
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -86,6 +87,16 @@ def test_lvm_backend_volume_snapshot_restore_expand_delete(stack: Stack) -> None
         crs.delete_cluster_custom_object(G, V, "storageprofiles", profile)
 
 
+def _read_secret(core: Any, name: str) -> Any:
+    from kubernetes.client.exceptions import ApiException
+    try:
+        return core.read_namespaced_secret(name, "opensds-system")
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
 def test_nvmeof_export_follows_published_nodes_and_is_rebuilt_after_a_dock_restart(stack: Stack) -> None:
     """ControllerPublish's effect (Volume.spec.publishedNodes) -> the dock's nvmet export -> the node plugin."""
     import grpc
@@ -110,11 +121,19 @@ def test_nvmeof_export_follows_published_nodes_and_is_rebuilt_after_a_dock_resta
     cap = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
                                    access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
 
+    def node_stage_secrets() -> dict[str, str]:
+        """What kubelet hands NodeStage: the generated Secret the StorageClass names (a network
+        profile without nodeStageSecretRef is authenticated by default)."""
+        from opensds_operator.credentials import SECRET_NAME
+
+        secret = wait(lambda: _read_secret(client.CoreV1Api(crs.api_client), SECRET_NAME), 60, "generated Secret")
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
     def mount(context: dict[str, str]) -> Path:
         (work / "staging").mkdir(exist_ok=True)
         node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
             volume_id=f"{ns}/net", publish_context=context, staging_target_path=str(work / "staging"),
-            volume_capability=cap))
+            volume_capability=cap, secrets=node_stage_secrets()))
         return work / "staging"
 
     def unmount() -> None:
@@ -135,6 +154,7 @@ def test_nvmeof_export_follows_published_nodes_and_is_rebuilt_after_a_dock_resta
                       "export to node-a")
         context = dict(status["publishContext"])
         assert context["transport"] == "nvmeof-tcp" and context["addresses"] == "127.0.0.1:4420"
+        assert context["auth"] == "dhchap-bidirectional", "a network profile without a Secret must authenticate"
         subsystem = CONFIGFS / "subsystems" / volume_nqn(f"vol-{volume()['metadata']['uid']}")
         payload = os.urandom(MiB)
         (mount(context) / "payload").write_bytes(payload)

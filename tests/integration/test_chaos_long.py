@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+import urllib3
 from kubernetes import client
 
 from opensds_csi.proto import csi_pb2, csi_pb2_grpc
@@ -133,9 +134,16 @@ def test_chaos_kills_and_an_apiserver_restart_leak_nothing_and_change_no_data(
             ops[0] += 1
         return result
 
+    def read_volume(name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = custom.get_namespaced_custom_object("opensds.io", "v1alpha1", NAMESPACE,
+                                                                         "volumes", name)
+            return found
+        except urllib3.exceptions.HTTPError:  # the apiserver is being restarted: ask again
+            return None
+
     def backing_file(name: str) -> Path:
-        vol = wait_for(lambda: custom.get_namespaced_custom_object("opensds.io", "v1alpha1", NAMESPACE, "volumes",
-                                                                   name), 120, f"Volume {name}")
+        vol = wait_for(lambda: read_volume(name), 120, f"Volume {name}")
         return stack.backend_dir / "volumes" / f"vol-{vol['metadata']['uid']}.img"  # type: ignore[index]
 
     def lifecycle(i: int) -> None:
@@ -144,8 +152,10 @@ def test_chaos_kills_and_an_apiserver_restart_leak_nothing_and_change_no_data(
             block=csi_pb2.VolumeCapability.BlockVolume(),
             access_mode=csi_pb2.VolumeCapability.AccessMode(
                 mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+        size = rng.randint(4, 16) << 20  # once: a retry must repeat the same request
+        delete = rng.random() < 0.5
         created = counted(lambda: stub().CreateVolume(csi_pb2.CreateVolumeRequest(
-            name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=rng.randint(4, 16) << 20),
+            name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=size),
             volume_capabilities=[capability], parameters={"profile": csi_plugin.profile},
             accessibility_requirements=csi_pb2.TopologyRequirement(
                 preferred=[csi_pb2.Topology(segments={NODE_KEY: NODE})])), timeout=60), f"create {name}")
@@ -161,7 +171,7 @@ def test_chaos_kills_and_an_apiserver_restart_leak_nothing_and_change_no_data(
             volume_id=volume_id, node_id=NODE, volume_capability=capability), timeout=60), f"publish {name}")
         counted(lambda: stub().ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
             volume_id=volume_id, node_id=NODE), timeout=60), f"unpublish {name}")
-        if rng.random() < 0.5:
+        if delete:
             counted(lambda: stub().DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id), timeout=60),
                     f"delete {name}")
         else:

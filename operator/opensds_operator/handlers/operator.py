@@ -305,15 +305,19 @@ def _source_pool(namespace: str, source: dict[str, Any], body: kopf.Body,
     return (backend, pool)
 
 
-def _not_scheduled(status: kopf.Status, **_: Any) -> bool:
-    """Every Volume goes through the scheduler once, including one whose spec pins backend and
-    pool: a pinned placement is checked like any other, and the dock acts only on Scheduled=True."""
+def _not_placed(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Every Volume goes through the scheduler until it is both Scheduled=True and placed in spec.
+
+    A pinned placement is checked like any other (the dock acts only on Scheduled=True); and
+    a Volume whose Scheduled=True status landed but whose spec write did not (the apiserver
+    went away in between: found by the chaos test) is scheduled again, not left stranded."""
     condition = next((c for c in status.get("conditions") or [] if c.get("type") == SCHEDULED), None)
-    return condition is None or condition.get("status") != "True"
+    scheduled = condition is not None and condition.get("status") == "True"
+    return not (scheduled and spec.get("backend") and spec.get("pool"))
 
 
-@kopf.on.resume(GROUP, VERSION, VOLUMES, registry=registry, when=_not_scheduled)
-@kopf.on.create(GROUP, VERSION, VOLUMES, registry=registry, when=_not_scheduled)
+@kopf.on.resume(GROUP, VERSION, VOLUMES, registry=registry, when=_not_placed)
+@kopf.on.create(GROUP, VERSION, VOLUMES, registry=registry, when=_not_placed)
 def volume_schedule(name: str, namespace: str | None, uid: str, spec: kopf.Spec, status: kopf.Status,
                     body: kopf.Body, **kwargs: Any) -> None:
     assert namespace is not None
