@@ -11,7 +11,8 @@ SCHEDULED = {"conditions": [{"type": "Scheduled", "status": "True", "reason": "S
 
 
 def takes(spec: dict[str, Any], status: dict[str, Any]) -> bool:
-    return _not_placed(spec=kopf.Spec(spec), status=kopf.Status(status))
+    body = kopf.Body({"spec": spec, "status": status})
+    return _not_placed(spec=body.spec, status=body.status)
 
 
 def test_a_new_volume_is_scheduled() -> None:
