@@ -132,6 +132,8 @@ def test_chaos_kills_and_an_apiserver_restart_leak_nothing_and_change_no_data(
         result = call(fn, what)
         with lock:
             ops[0] += 1
+        # Paced like a busy cluster, so the run spans many kills (an idle one does 300 in seconds).
+        time.sleep(rng.uniform(0.5, 2.0))
         return result
 
     def read_volume(name: str) -> dict[str, Any] | None:

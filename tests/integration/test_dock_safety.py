@@ -136,3 +136,17 @@ def test_lease_is_not_granted_to_another_host_until_it_lapses(cluster: Cluster) 
     assert b.try_acquire(), "not granted after the lease lapsed"
     assert not a.try_acquire(), "the old holder got it back while b holds it"
     client.CoordinationV1Api(cluster.api).delete_namespaced_lease(f"opensds-dock-{backend}", "opensds-system")
+
+
+def test_a_repeated_warning_is_one_event_with_a_count_not_one_event_per_retry(
+        cluster: Cluster, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from opensds_operator import kube
+
+    monkeypatch.setattr(kube, "api_client", lambda: cluster.api)
+    obj = {"apiVersion": "opensds.io/v1alpha1", "kind": "Volume",
+           "metadata": {"name": "noisy", "namespace": namespace, "uid": str(uuid.uuid4())}}
+    for _ in range(5):
+        kube.post_event(obj, "BackendUnavailable", "the pool is offline", warning=True)
+    events = client.CoreV1Api(cluster.api).list_namespaced_event(
+        namespace, field_selector="involvedObject.name=noisy").items
+    assert [(e.reason, e.count) for e in events] == [("BackendUnavailable", 5)]
