@@ -242,7 +242,8 @@ def test_chaos_kills_and_an_apiserver_restart_leak_nothing_and_change_no_data(
     assert not changed, f"volume contents changed (seed {seed}): {changed}"
     assert apiserver_restarted.is_set() and len(kills) >= 3, f"chaos too gentle: {kills}"
     print(f"chaos seed {seed}: {ops[0]} CSI operations, {len(kills)} kills ({kills}), {len(checksums)} survivors "
-          f"with unchanged sha256, 0 leaked, 0 quarantined, settled {settle_seconds:.1f} s after the last restart")
+          f"with unchanged sha256, 0 leaked, 0 quarantined, everything settled {settle_seconds:.1f} s after the "
+          f"chaos stopped")
 
     for volume_id in checksums:
         call(lambda v=volume_id: csi_pb2_grpc.ControllerStub(grpc.insecure_channel(
