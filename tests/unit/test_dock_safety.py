@@ -288,3 +288,10 @@ def test_deleting_an_object_made_before_per_backend_finalizers_releases_the_shar
     dock.delete_volume(_body(api, VOLUMES, "data"))
     assert DOCK_FINALIZER not in api.objects[(VOLUMES, NS, "data")]["metadata"]["finalizers"], (
         "the legacy finalizer would keep the Volume forever")
+
+
+def test_deleting_a_volume_whose_placement_was_never_validated_does_not_get_stuck(
+        api: FakeApi, dock: Dock) -> None:
+    """Pinned to a pool the backend lacks: nothing was made, so deletion must not retry forever."""
+    _volume(api, status={}, pool="no-such-pool")
+    dock.delete_volume(_body(api, VOLUMES, "data"))  # no TemporaryError

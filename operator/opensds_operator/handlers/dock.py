@@ -393,6 +393,11 @@ class Dock:
 
     def delete_volume(self, body: kopf.Body) -> None:
         meta, spec = body["metadata"], body["spec"]
+        if not scheduled(dict(body.get("status") or {})):
+            # The dock acts only on Scheduled=True, so nothing was made for a placement the
+            # operator never validated (e.g. pinned to a pool that does not exist): release it.
+            self._drop_legacy_finalizer(VOLUMES, body)
+            return
         self.api.patch_status(VOLUMES, meta["name"], {"phase": DELETING}, meta["namespace"])
         backend_id = volume_backend_id(meta["uid"])
         try:
