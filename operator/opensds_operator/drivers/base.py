@@ -6,6 +6,7 @@ makes a dock safe to kill at any point and re-run.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -72,6 +73,27 @@ class Owner:
     def to_dict(self) -> dict[str, str]:
         return {"cluster": self.cluster, "backend": self.backend, "kind": self.kind, "namespace": self.namespace,
                 "name": self.name, "uid": self.uid, "retained": "true" if self.retained else "false"}
+
+    def to_json(self) -> str:
+        """The tag as stored on objects (xattr, sidecar file, RBD metadata, omap value)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, backend_id: str, raw: str | bytes | None) -> Owner | None:
+        """The owner in a stored tag, or None when there is none, it is damaged, or it names another
+        object's UID than `backend_id`'s own (a clone or a `cp -a` copy carries its original's)."""
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            return None
+        owner = cls.from_dict(data)
+        if owner is None or not owner.uid or not backend_id.endswith(owner.uid):
+            return None
+        return owner
 
     @classmethod
     def from_dict(cls, data: dict[str, str]) -> Owner | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -109,22 +108,11 @@ def _clone_or_copy(src: Path, fout: int) -> None:
 
 
 def _encode_owner(owner: Owner) -> bytes:
-    return json.dumps(owner.to_dict(), sort_keys=True).encode()
+    return owner.to_json().encode()
 
 
 def _decode_owner(backend_id: str, raw: bytes) -> Owner | None:
-    """None for anything that is not a complete owner tag of this object: a damaged tag, or one naming
-    another object's UID than the file's own name (a copy made with `cp -a` carries its original's)."""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        return None
-    owner = Owner.from_dict(data)
-    if owner is None or not owner.uid or not backend_id.endswith(owner.uid):
-        return None
-    return owner
+    return Owner.from_json(backend_id, raw)
 
 
 class FileDriver:

@@ -81,27 +81,14 @@ def _translated(method: Callable[Concatenate[RbdDriver, P], R]) -> Callable[Conc
 
 
 def parse_owner(backend_id: str, raw: str | bytes | None) -> Owner | None:
-    """The owner in a tag, or None when there is none, it is damaged, or it names another object.
-
-    A clone inherits its parent image's metadata: until the clone's own tag is written (right
-    after the clone), its inherited tag names the parent's UID, which is not this object's.
-    """
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        return None
-    owner = Owner.from_dict(data)
-    if owner is None or not owner.uid or not backend_id.endswith(owner.uid):
-        return None
-    return owner
+    """The owner in a tag (see Owner.from_json). A clone inherits its parent image's metadata:
+    until the clone's own tag is written (right after the clone), the inherited tag names the
+    parent's UID, which is not this object's, so it reads as no owner."""
+    return Owner.from_json(backend_id, raw)
 
 
 def _owner_json(owner: Owner) -> str:
-    return json.dumps(owner.to_dict(), sort_keys=True)
+    return owner.to_json()
 
 
 def parse_index_entry(raw: bytes) -> dict[str, Any]:
