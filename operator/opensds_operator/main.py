@@ -51,6 +51,9 @@ def settings_for(role: str, backend: str | None = None) -> kopf.OperatorSettings
     settings.posting.level = logging.WARNING  # handler chatter stays in logs; Events are ours
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 32
+    # A handler thread still inside a blocking call can hold the process after SIGTERM; every
+    # handler is crash-safe, so kopf's own last resort (SIGKILL to itself) may come early.
+    settings.process.ultimate_exiting_timeout = 20
     return settings
 
 
