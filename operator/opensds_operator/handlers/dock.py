@@ -343,7 +343,8 @@ class Dock:
         profile = self.api.get(PROFILES, spec["profile"]) or {}
         protocol = (profile.get("spec") or {}).get("accessProtocol", "local")
         try:
-            if self.driver.get_volume(backend_id, spec["pool"]) is None:
+            info = self.driver.get_volume(backend_id, spec["pool"])
+            if info is None:
                 self._backend_object_missing(VOLUMES, body, backend_id, spec["pool"])
             if protocol == self.driver.native_protocol:
                 context = self.driver.export(backend_id, spec["pool"], nodes)
@@ -354,9 +355,8 @@ class Dock:
                         f"backend {self.backend} does not export {protocol} (offers: "
                         f"{', '.join([self.driver.native_protocol, *sorted(self.exporters)])}); "
                         f"configure it in spec.parameters")
-                info = self.driver.get_volume(backend_id, spec["pool"])
                 if info is None or not info.path:
-                    raise NotFound(f"volume {backend_id} not found in pool {spec['pool']}")
+                    raise NotFound(f"volume {backend_id} has no device path in pool {spec['pool']}")
                 context = exporter.export(backend_id, info.path, meta["uid"], nodes, self._export_auth(profile))
         except PermanentDriverError as e:
             self._fail(VOLUMES, body, e, phase=None)
