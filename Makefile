@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/bin:$(PATH)
 
-.PHONY: all venv tools proto lint typecheck unit integration test chaos e2e up down cluster-up cluster-down bench clean
+.PHONY: all deps venv tools images proto lint typecheck unit integration test chaos e2e up down cluster-up cluster-down node-up node-down bench clean
 
 all: test
 
@@ -16,8 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	bash hack/link-ceph-bindings.sh $(VENV)
 	touch $@
 
+deps:                        ## install (as root) or name the Debian packages the README's commands need
+	bash hack/deps.sh
+
 tools:                       ## build the pinned Kubernetes/CSI toolchain into bin/
 	bash hack/tools.sh
+
+images: venv tools           ## OCI archives in .images/: the project image, sidecars, busybox, pause
+	bash hack/images.sh build
 
 proto: venv                  ## regenerate CSI stubs from the pinned csi.proto
 	$(PY) hack/protogen.py
@@ -56,6 +62,12 @@ cluster-up:
 
 cluster-down:
 	bash hack/cluster.sh down
+
+node-up:                     ## containerd + kubelet node(s) in network namespaces, joined to the control plane
+	bash hack/node.sh up
+
+node-down:
+	bash hack/node.sh down
 
 clean:
 	bash hack/cluster.sh reset || true

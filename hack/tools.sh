@@ -53,7 +53,8 @@ build_group kubernetes k8s.io/kubernetes "$K8S" \
   kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
   kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
   kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
-  kubectl=k8s.io/kubernetes/cmd/kubectl
+  kubectl=k8s.io/kubernetes/cmd/kubectl \
+  kubelet=k8s.io/kubernetes/cmd/kubelet
 VERSION_LDFLAGS=""
 build_group etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" etcd=go.etcd.io/etcd/server/v3
 build_group csi-test github.com/kubernetes-csi/csi-test/v5 "$CSI_TEST_VERSION" \
