@@ -6,6 +6,8 @@ import socket
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from opensds_operator.hosttools import missing_tool_message, package_of
+
 
 class CsiError(Exception):
     """An error with the gRPC status code the CSI spec prescribes for it."""
@@ -45,6 +47,14 @@ class ResourceExhausted(CsiError):
 
 class FailedPrecondition(CsiError):
     code_name = "FAILED_PRECONDITION"
+
+
+class ToolMissing(FailedPrecondition):
+    """A host tool the node needs is not installed: the message names the Debian package to install."""
+
+    def __init__(self, tool: str) -> None:
+        super().__init__(missing_tool_message(tool))
+        self.tool = tool
 
 
 class Unavailable(CsiError):
@@ -87,6 +97,8 @@ def csi_error(error: Exception) -> CsiError:
         status = error.status or 0  # 0: no HTTP answer at all (the client's own failure)
         kind = _API_STATUS.get(status) or (Unavailable if status >= 500 or status == 0 else CsiError)
         return kind(f"Kubernetes API: {status} {error.reason}")
+    if isinstance(error, FileNotFoundError) and error.filename and package_of(str(error.filename)):
+        return ToolMissing(str(error.filename))  # a tool started outside run.run()
     if isinstance(error, (HTTPError, socket.timeout, TimeoutError, ConnectionError)):
         return Unavailable(f"Kubernetes API unreachable: {type(error).__name__}: {error}")
     return CsiError(f"internal error: {type(error).__name__}: {error}")

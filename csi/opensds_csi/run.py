@@ -7,6 +7,9 @@ kubelet treats as "outcome uncertain" and retries (every node operation is idemp
 process stuck in uninterruptible sleep survives SIGKILL; it is then left to a reaper thread
 rather than waited for.
 
+A tool that is not installed is ToolMissing (FAILED_PRECONDITION naming the Debian package
+that provides it, from opensds_operator.hosttools), not an INTERNAL FileNotFoundError.
+
 Secrets never go on a command line (/proc/<pid>/cmdline is world-readable): connectors hand
 them to the kernel or a tool through files or device writes. `secrets` still masks anything
 that might echo one back in a log line or error message.
@@ -21,7 +24,9 @@ import subprocess
 import threading
 from collections.abc import Iterable
 
-from .errors import CsiError, DeadlineExceeded
+from opensds_operator.hosttools import is_missing_executable
+
+from .errors import CsiError, DeadlineExceeded, ToolMissing
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 90.0  # seconds; below kubelet's own per-call timeout of 2 minutes
@@ -66,8 +71,13 @@ def run(*args: str, ok_codes: tuple[int, ...] = (0,), secrets: Iterable[str] = (
     secrets = [s for s in secrets if s]
     log.debug("running %s", _masked(" ".join(args), secrets))
     # A session of its own: the kill reaches helpers the tool forked (mkfs, iscsiadm -> iscsid IPC).
-    process = subprocess.Popen(list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        process = subprocess.Popen(list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+    except FileNotFoundError as e:
+        if is_missing_executable(e, args):  # FAILED_PRECONDITION naming the Debian package
+            raise ToolMissing(args[0]) from e
+        raise
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

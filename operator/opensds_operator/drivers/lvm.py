@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from ..hosttools import is_missing_executable, missing_tool_message
 from ..scheduler import Capabilities
 from .base import (
     BackendObject,
@@ -49,7 +50,9 @@ def _run(*args: str) -> str:
     try:
         done = subprocess.run(list(args), check=True, capture_output=True, text=True, timeout=120)
     except FileNotFoundError as e:
-        raise PermanentDriverError(f"{args[0]} not installed on this node") from e
+        if is_missing_executable(e, args):
+            raise PermanentDriverError(missing_tool_message(args[0])) from e
+        raise
     except subprocess.TimeoutExpired as e:
         raise DriverError(f"{args[0]} did not finish in {e.timeout:.0f} s") from e
     except subprocess.CalledProcessError as e:
