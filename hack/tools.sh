@@ -73,7 +73,10 @@ build_group kustomize sigs.k8s.io/kustomize/kustomize/v5 "$KUSTOMIZE_VERSION" \
   kustomize=sigs.k8s.io/kustomize/kustomize/v5
 
 # Data files pinned with the same versions.
-data_stamp="snapshot-crds+group $EXTERNAL_SNAPSHOTTER_VERSION csi-proto $CSI_SPEC_VERSION"
+# kubelet's plugin-registration API (the CSI node plugin registers itself with kubelet): the
+# k8s.io/kubelet staging module at the version matching the pinned Kubernetes release.
+KUBELET_API_VERSION=v0.${K8S#v1.}
+data_stamp="snapshot-crds+group $EXTERNAL_SNAPSHOTTER_VERSION csi-proto $CSI_SPEC_VERSION kubelet-api $KUBELET_API_VERSION"
 if [[ ! -f $STAMPS/data || "$(cat "$STAMPS/data")" != "$data_stamp" ]]; then
   rm -rf "$BIN/snapshot-crds"
   copy_from_module "$BIN/snapshot-crds" "github.com/kubernetes-csi/external-snapshotter/client/v8@$EXTERNAL_SNAPSHOTTER_VERSION" \
@@ -84,6 +87,8 @@ if [[ ! -f $STAMPS/data || "$(cat "$STAMPS/data")" != "$data_stamp" ]]; then
     config/crd/groupsnapshot.storage.k8s.io_volumegroupsnapshotcontents.yaml \
     config/crd/groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml
   copy_from_module "$BIN/csi-spec" "github.com/container-storage-interface/spec@$CSI_SPEC_VERSION" csi.proto
+  rm -rf "$BIN/kubelet-api"
+  copy_from_module "$BIN/kubelet-api" "k8s.io/kubelet@$KUBELET_API_VERSION" pkg/apis/pluginregistration/v1/api.proto
   echo "$data_stamp" > "$STAMPS/data"
 fi
 echo "tools: all up to date in $BIN"

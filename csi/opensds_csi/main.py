@@ -2,7 +2,9 @@
 
 One process per role, as Kubernetes deploys them: the controller (a Deployment beside
 external-provisioner/-attacher/-resizer/-snapshotter) only talks to the API; the node plugin
-(a DaemonSet beside kubelet) only touches the local machine and needs no API access.
+(a DaemonSet beside kubelet) only touches the local machine and needs no API access. The node
+plugin registers itself with kubelet (`--registration-dir`) and both serve a liveness endpoint
+(`--health-address`), so neither needs node-driver-registrar nor the livenessprobe sidecar.
 """
 from __future__ import annotations
 
@@ -11,14 +13,17 @@ import logging
 import os
 import signal
 import sys
+import threading
 from types import FrameType
 
 import grpc
 
 from opensds_operator.api import valid_node_name
 
-from .identity import IdentityService
+from . import health
+from .identity import DRIVER_NAME, IdentityService
 from .proto import csi_pb2_grpc
+from .registration import Registrar
 from .server import build_server
 
 log = logging.getLogger("opensds.csi")
@@ -64,6 +69,15 @@ def build(args: argparse.Namespace) -> grpc.Server:
     return server
 
 
+def _keep_registration(registrar: Registrar, interval: float = 10.0) -> None:
+    stopped = threading.Event()
+    while not stopped.wait(interval):
+        try:
+            registrar.keep_socket()
+        except OSError:
+            log.exception("could not re-create the registration socket")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="opensds-csi", description=__doc__)
     parser.add_argument("--role", choices=["controller", "node", "all"], required=True,
@@ -84,6 +98,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="node, repeatable: where `local` volumes may live: file backend directories (images "
                              "vol-<uid>.img below them) and /dev/<vg> of LVM backends (or /dev for every VG); "
                              "default /var/lib/opensds. publish_context paths elsewhere are refused")
+    parser.add_argument("--registration-dir", default="",
+                        help="node: kubelet's plugin registration directory (e.g. /var/lib/kubelet/plugins_registry "
+                             "as mounted in the container); the plugin registers itself there")
+    parser.add_argument("--kubelet-registration-path", default="",
+                        help="node: the CSI socket's path as kubelet sees it on the host "
+                             f"(e.g. /var/lib/kubelet/plugins/{DRIVER_NAME}/csi.sock); default: --endpoint's path")
+    parser.add_argument("--health-address", default="",
+                        help="HOST:PORT serving GET /healthz (Probe through the CSI socket, plus the node's "
+                             "registration); empty: none")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -91,9 +114,21 @@ def main(argv: list[str] | None = None) -> None:
     server = build(args)
     server.start()
     log.info("%s plugin serving on %s", args.role, args.endpoint)
+    checks: list[health.Check] = [health.probe_check(args.endpoint)]
+    registrar = None
+    if args.registration_dir and args.role in ("node", "all"):
+        kubelet_path = args.kubelet_registration_path or args.endpoint.removeprefix("unix://")
+        registrar = Registrar(DRIVER_NAME, args.registration_dir, kubelet_path)
+        registrar.start()
+        checks.append(registrar.healthy)
+        threading.Thread(target=_keep_registration, args=(registrar,), name="registration", daemon=True).start()
+    if args.health_address:
+        health.serve(args.health_address, checks)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
+        if registrar is not None:
+            registrar.stop()  # kubelet deregisters the driver when the socket goes
         server.stop(5)
         sys.exit(0)
 

@@ -1,1 +1,1 @@
-"""Generated CSI gRPC stubs (make proto); do not edit."""
+"""Generated gRPC stubs (make proto); do not edit."""
