@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/bin:$(PATH)
 
 all: test
 
-venv: $(VENV)/.installed
+venv: deps $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
