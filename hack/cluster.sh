@@ -84,6 +84,7 @@ ensure_pki() {
   gen_cert apiserver "/CN=kube-apiserver" \
     "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.0.0.1,IP:10.0.2.100"
   gen_cert admin "/O=system:masters/CN=opensds-admin"
+  gen_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
   gen_cert kube-controller-manager "/CN=system:kube-controller-manager"
   gen_cert kube-scheduler "/CN=system:kube-scheduler"
   [[ -f $PKI/sa.key ]] || openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
@@ -136,6 +137,17 @@ up() {
       '- level: None' > "$DIR/audit-policy.yaml"
     audit=(--audit-policy-file "$DIR/audit-policy.yaml" --audit-log-path "$LOGS/audit.log")
   fi
+  # Traffic to nodes (logs, exec, port-forward) goes through hack/nodeproxy.py on a unix socket:
+  # hack/node.sh's kubelets live in network namespaces the host has no route to.
+  cat > "$DIR/egress-selector.yaml" <<EOF
+apiVersion: apiserver.k8s.io/v1beta1
+kind: EgressSelectorConfiguration
+egressSelections:
+- name: cluster
+  connection:
+    proxyProtocol: HTTPConnect
+    transport: {uds: {udsName: $RUN/nodeproxy.sock}}
+EOF
   start kube-apiserver "${audit[@]}" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
@@ -149,6 +161,8 @@ up() {
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --api-audiences https://kubernetes.default.svc.cluster.local \
     --service-cluster-ip-range 10.0.0.0/24 \
+    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+    --egress-selector-config-file "$DIR/egress-selector.yaml" --kubelet-preferred-address-types InternalIP \
     --allow-privileged=true \
     --endpoint-reconciler-type none
   wait_for kube-apiserver 90 api_ready
