@@ -29,8 +29,7 @@ from opensds_csi.node import NodeService
 from opensds_csi.proto import csi_pb2, csi_pb2_grpc
 from opensds_csi.server import build_server
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/loop-control").exists(),
-                                reason="needs root and loop devices")
+pytestmark = pytest.mark.usefixtures("loop_devices")  # root and loop devices, or a failure naming them
 MIB = 1 << 20
 Mode = csi_pb2.VolumeCapability.AccessMode
 
@@ -256,7 +255,7 @@ def test_a_loop_device_holding_a_partition_table_is_refused_and_its_bytes_left_u
         env: tuple[Node, Path]) -> None:
     node, tmp = env
     volume = Volume(tmp, "parted", 64 * MIB)
-    # parted is installed by .ci/run; no skip: a machine without it fails here, naming it.
+    # parted is installed by hack/deps.sh; no skip: a machine without it fails here, naming it.
     subprocess.run(["parted", "-s", str(volume.file), "mklabel", "gpt", "mkpart", "data", "1MiB", "63MiB"],
                    check=True, capture_output=True)
     with open(volume.file, "r+b") as f:  # someone's data inside the partition

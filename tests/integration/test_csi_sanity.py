@@ -27,11 +27,7 @@ from .conftest import NODE, ROOT, ZONE, ZONE_KEY, CsiPlugin, Stack, _spawn, wait
 MIB = 1 << 20
 
 
-def loop_devices_available() -> bool:
-    return os.geteuid() == 0 and Path("/dev/loop-control").exists()
-
-
-@pytest.mark.skipif(not loop_devices_available(), reason="needs root and loop devices for the node plugin")
+@pytest.mark.usefixtures("loop_devices")  # root and loop devices, or a failure naming them
 @pytest.mark.timeout(900)
 def test_csi_sanity_passes_against_controller_and_node(csi_plugin: CsiPlugin, stack: Stack, tmp_path: Path) -> None:
     venv_bin = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"

@@ -23,8 +23,7 @@ from opensds_csi.proto import csi_pb2, csi_pb2_grpc
 from .conftest import CSI_DRIVER, NODE, NODE_KEY, ZONE, ZONE_KEY, Cluster, Sidecars, Stack, wait_for
 from .helpers import CRs
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/loop-control").exists(),
-                                reason="needs root and loop devices for the node plugin")
+pytestmark = pytest.mark.usefixtures("loop_devices")  # root and loop devices, or a failure naming them
 
 MIB = 1 << 20
 SNAP_GROUP, SNAP_VERSION = "snapshot.storage.k8s.io", "v1"

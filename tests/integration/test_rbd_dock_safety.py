@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,28 +23,17 @@ from kubernetes import client
 
 from opensds_operator.drivers.base import DriverError, Owner
 
-from .conftest import ROOT, Cluster, Processes, _exists, wait_for
+from .conftest import Cluster, Processes, _exists, ceph_client_key, wait_for
 from .helpers import CRs, condition, events_for
 
-CEPH_DIR = ROOT / ".ceph"
 POOL = "opensds"
 MiB = 2**20
 
-# Ceph comes from .ci/run's apt packages; without it hack/ceph.sh fails and says what is missing (no skip).
-
 
 @pytest.fixture(scope="module")
-def ceph() -> Iterator[tuple[Path, str]]:
-    """(ceph.conf, client.opensds key) of the host's Ceph cluster; started when absent."""
-    running = subprocess.run(["bash", str(ROOT / "hack/ceph.sh"), "status"], capture_output=True).returncode == 0
-    if not running:
-        subprocess.run(["bash", str(ROOT / "hack/ceph.sh"), "up"], check=True)
-    key = next(line.split("=", 1)[1].strip()
-               for line in (CEPH_DIR / "client.opensds.keyring").read_text().splitlines()
-               if line.strip().startswith("key"))
-    yield CEPH_DIR / "ceph.conf", key
-    if not running and os.environ.get("OPENSDS_KEEP_CLUSTER") != "1":
-        subprocess.run(["bash", str(ROOT / "hack/ceph.sh"), "down"], check=True)
+def ceph(ceph_cluster: Path) -> tuple[Path, str]:
+    """(ceph.conf, client.opensds key) of the tests' own Ceph (conftest.ceph_cluster: .ceph-test)."""
+    return ceph_cluster / "ceph.conf", ceph_client_key(ceph_cluster)
 
 
 @dataclass

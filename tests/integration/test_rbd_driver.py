@@ -8,31 +8,21 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from opensds_operator.drivers.base import BackendObject, DriverError, NotFound, Owner, PermanentDriverError, Source
 
-ROOT = Path(__file__).resolve().parents[2]
-CEPH_DIR = ROOT / ".ceph"
 MiB = 2**20
-
-# Ceph comes from .ci/run's apt packages; without it hack/ceph.sh fails and says what is missing (no skip).
 
 
 @pytest.fixture(scope="module")
-def ceph() -> Iterator[Path]:
-    running = subprocess.run(["bash", str(ROOT / "hack/ceph.sh"), "status"], capture_output=True).returncode == 0
-    if not running:
-        subprocess.run(["bash", str(ROOT / "hack/ceph.sh"), "up"], check=True)
-    yield CEPH_DIR
-    if not running and os.environ.get("OPENSDS_KEEP_CLUSTER") != "1":
-        subprocess.run(["bash", str(ROOT / "hack/ceph.sh"), "down"], check=True)
+def ceph(ceph_cluster: Path) -> Path:
+    """The tests' own Ceph (conftest.ceph_cluster: .ceph-test, not `make up`'s .ceph)."""
+    return ceph_cluster
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from .conftest import Cluster, Stack, wait_for
+from .conftest import LABELS, Cluster, Stack, wait_for
 from .helpers import CRs, condition, events_for
 
 MiB = 2**20
@@ -195,10 +195,11 @@ VSC = ("snapshot.storage.k8s.io", "v1", "volumesnapshotclasses")
 def _foreign_classes(cluster: Cluster, name: str) -> tuple[str, str]:
     """A StorageClass and a VolumeSnapshotClass named `name` that someone else made; their UIDs."""
     sc = client.StorageV1Api(cluster.api).create_storage_class(client.V1StorageClass(
-        metadata=client.V1ObjectMeta(name=name), provisioner="example.com/someone-else",
+        metadata=client.V1ObjectMeta(name=name, labels=LABELS), provisioner="example.com/someone-else",
         parameters={"tier": "theirs"}))
     vsc = client.CustomObjectsApi(cluster.api).create_cluster_custom_object(*VSC, {
-        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass", "metadata": {"name": name},
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+        "metadata": {"name": name, "labels": LABELS},
         "driver": "example.com/someone-else", "deletionPolicy": "Retain"})
     return sc.metadata.uid, vsc["metadata"]["uid"]
 
@@ -250,7 +251,7 @@ def test_name_conflict_clears_once_the_foreign_class_is_gone(cluster: Cluster, s
                                                              profiles: Profiles) -> None:
     crs, storage = CRs(cluster.api), client.StorageV1Api(cluster.api)
     name = f"p-{uuid.uuid4().hex[:6]}"
-    storage.create_storage_class(client.V1StorageClass(metadata=client.V1ObjectMeta(name=name),
+    storage.create_storage_class(client.V1StorageClass(metadata=client.V1ObjectMeta(name=name, labels=LABELS),
                                                        provisioner="example.com/someone-else"))
     try:
         crs.create("storageprofiles", "StorageProfile", name, {"storageType": "block", "accessProtocol": "local"})

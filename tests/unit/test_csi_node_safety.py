@@ -42,6 +42,8 @@ from opensds_operator.api import (
 )
 from opensds_operator.exports.base import volume_iqn, volume_nqn
 
+from ..testenv import free_loop_device
+
 UID = "0b6f6c2e-8d0a-4c59-9d1e-3f1f2a7c9e01"
 OTHER_UID = "7d3c1b2a-1111-4222-8333-944455556666"
 
@@ -152,11 +154,10 @@ def test_a_block_device_must_be_the_lvm_volume_of_that_name() -> None:
 
 
 def test_a_loop_device_is_not_accepted_as_a_local_block_volume(tmp_path: Path) -> None:
-    if not Path("/dev/loop0").exists():
-        pytest.skip("no /dev/loop0")
+    loop = free_loop_device()  # root and /dev/loop-control, or a failure naming them (no skip)
     link = tmp_path / "dev" / "vg0" / f"vol-{UID}"
     link.parent.mkdir(parents=True)
-    link.symlink_to("/dev/loop0")
+    link.symlink_to(loop)
     with pytest.raises(FailedPrecondition, match="not an LVM volume path"):
         LocalConnector([str(tmp_path)]).checked_path("ns/v", _local(link))
 
