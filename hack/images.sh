@@ -59,7 +59,7 @@ source_epoch() { git log -1 --format=%ct -- "${SOURCE_PATHS[@]}" hack/images.sh 
 
 build_project() {
   local base=opensds-k8s name=$PROJECT_NAME:$PROJECT_VERSION
-  local inputs; inputs=$( { source_tar; tool_hash; echo "$DEBIAN_PACKAGES ${DEBIAN_MIRRORS[*]}"; } | hash_of)
+  local inputs; inputs=$( { source_tar; tool_hash; echo "$DEBIAN_PACKAGES ${DEBIAN_MIRRORS[*]}"; source_revision; source_epoch; } | hash_of)
   if up_to_date "$base" "$inputs"; then log "$name up to date"; return; fi
   local start=$SECONDS epoch rev rootfs=$BUILD/$base-rootfs wheels=$BUILD/$base-wheels src=$BUILD/$base-src
   epoch=$(source_epoch); rev=$(source_revision)
