@@ -51,7 +51,7 @@ chaos: venv tools            ## 300 CSI operations under SIGKILLs and an apiserv
 e2e: venv tools              ## real-kernel VM tier: the tests in e2e/vm run inside hack/vm.sh
 	bash hack/e2e.sh
 
-up: venv tools               ## control plane + CRDs + operator/dock/CSI on the file backend
+up: venv tools images        ## control plane + a kubelet node + the Helm chart from local images + sample pods on PVCs
 	bash hack/up.sh
 
 down:

@@ -6,6 +6,7 @@
 #   hack/node.sh down        stop them: pods killed, mounts and loop devices released, namespaces gone
 #   hack/node.sh status      each node's processes; exit 1 unless all run
 #   hack/node.sh exec <node> <command...>   run a command in that node's network + mount namespaces
+#   hack/node.sh restart-kubelet <node>     stop and start that node's kubelet (pods keep running)
 #
 # Each node is what a separate machine would be, as far as the product can tell:
 # - its own network namespace with a veth into a "fabric" namespace whose bridge joins all nodes
@@ -156,14 +157,18 @@ done
 mkdir -p "$run"
 containerd --config "$dir/containerd.toml" > "$dir/containerd.log" 2>&1 &
 echo \$! > "$dir/containerd.pid"
-for _ in \$(seq 100); do [[ -S $run/containerd.sock ]] && break; sleep 0.1; done
+for _ in \$(seq 300); do ctr -a "$run/containerd.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
 if [[ -d $ROOT/.images ]] && compgen -G "$ROOT/.images/*.tar" >/dev/null; then
-  bash "$ROOT/hack/images.sh" import --address "$run/containerd.sock" > "$dir/images.log" 2>&1
+  bash "$ROOT/hack/images.sh" import --address "$run/containerd.sock" > "$dir/images.log" 2>&1 ||
+    { echo "node: importing .images/ into containerd failed: see $dir/images.log" >&2; exit 1; }
 fi
-"$BIN/kubelet" --config "$dir/kubelet.yaml" --kubeconfig "$dir/kubeconfig" --hostname-override "$node" \\
-  --node-ip "10.250.0.$((i + 1))" --root-dir /var/lib/kubelet > "$dir/kubelet.log" 2>&1 &
-echo \$! > "$dir/kubelet.pid"
+bash "$dir/kubelet.sh" &
 wait
+EOF
+  cat > "$dir/kubelet.sh" <<EOF
+setsid "$BIN/kubelet" --config "$dir/kubelet.yaml" --kubeconfig "$dir/kubeconfig" --hostname-override "$node" \\
+  --node-ip "10.250.0.$((i + 1))" --root-dir /var/lib/kubelet >> "$dir/kubelet.log" 2>&1 &
+echo \$! > "$dir/kubelet.pid"
 EOF
 }
 
@@ -282,6 +287,7 @@ node_down() { # node_down <node>
     losetup -d "$loop" 2>/dev/null || true
   done
   cgroups rmdir "/$TAG-$node"
+  rm -rf "$run"
   ip netns del "$ns" 2>/dev/null || true
   rm -f "$dir"/*.pid
 }
@@ -311,10 +317,18 @@ node_exec() { # node_exec <node> <command...>: in the node's network and mount n
   nsenter -t "$pid" -n -m -- "$@"
 }
 
+restart_kubelet() { # restart_kubelet <node>: what a kubelet upgrade or crash does to running pods
+  local node=$1 dir=$NODES_DIR/$1
+  alive "$dir/kubelet.pid" && kill_wait TERM "$(cat "$dir/kubelet.pid")"
+  nsenter -t "$(cat "$dir/containerd.pid")" -n -m -- bash "$dir/kubelet.sh"
+  log "$node: kubelet restarted (pid $(cat "$dir/kubelet.pid"))"
+}
+
 case ${1:-} in
   up) shift; up "$@" ;;
   down) down ;;
   status) status ;;
   exec) shift; node_exec "$@" ;;
-  *) echo "usage: $0 up [N]|down|status|exec <node> <command...>" >&2; exit 2 ;;
+  restart-kubelet) restart_kubelet "$2" ;;
+  *) echo "usage: $0 up [N]|down|status|exec <node> <command...>|restart-kubelet <node>" >&2; exit 2 ;;
 esac

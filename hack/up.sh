@@ -1,59 +1,78 @@
 #!/usr/bin/env bash
-# `make up`: the whole system locally on the embedded default (file) backend:
-# control plane, CRDs, operator, one dock, the CSI controller and node plugins with the
-# kubernetes-csi sidecars, and sample objects (a Volume, a PVC, snapshots), printed when ready.
+# `make up`: the product as users run it, on this machine. The control plane (hack/cluster.sh), a
+# real kubelet node (hack/node.sh) with the images `make images` built, the Helm chart installed
+# from them with the embedded file backend and a sample profile, then a pod on a PVC:
+#   - it writes data, is deleted and re-created, and reads the same data back;
+#   - a VolumeSnapshot of the PVC is restored into a second PVC whose pod reads the same bytes;
+#   - the PVC is expanded online while the pod runs.
+# Prints the pods, PVCs, Volumes and the pods' output. Safe to run again (it converges).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-RUN=$ROOT/.run
-VENV=${VENV:-$ROOT/.venv}
-mkdir -p "$RUN/logs" "$RUN/backend" "$RUN/csi"
-bash "$ROOT/hack/cluster.sh" up
-export KUBECONFIG=$ROOT/.cluster/admin.kubeconfig
-KUBECTL=("$ROOT/bin/kubectl")
-"${KUBECTL[@]}" apply --server-side --force-conflicts -f "$ROOT/crds" -f "$ROOT/bin/snapshot-crds" >/dev/null
-"${KUBECTL[@]}" wait --for condition=Established --timeout 60s crd --all >/dev/null
+export OPENSDS_CLUSTER_DIR=${OPENSDS_CLUSTER_DIR:-$ROOT/.cluster}
+export KUBECONFIG=$OPENSDS_CLUSTER_DIR/admin.kubeconfig
+K=("$ROOT/bin/kubectl")
+SAMPLES=$ROOT/manifests/samples
+start=$SECONDS
+step() { echo "up: [$((SECONDS - start))s] $*" >&2; }
 
-start() { # start <name> <command...>: background process with a pid file, restarted if dead
-  local name=$1; shift
-  if [[ -f $RUN/$name.pid ]] && kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then return; fi
-  setsid "$@" >> "$RUN/logs/$name.log" 2>&1 < /dev/null &
-  echo $! > "$RUN/$name.pid"
+bash "$ROOT/hack/cluster.sh" up
+bash "$ROOT/hack/node.sh" up
+step "control plane and node-1 Ready"
+
+# Cluster add-ons the chart does not own: the VolumeSnapshot CRDs.
+"${K[@]}" apply --server-side --force-conflicts -f "$ROOT/bin/snapshot-crds" >/dev/null
+"${K[@]}" wait --for condition=Established --timeout 60s crd --all >/dev/null
+"$ROOT/bin/helm" upgrade --install opensds "$ROOT/charts/opensds" -n opensds-system --create-namespace \
+  -f "$SAMPLES/values-local.yaml" --wait --timeout 180s >/dev/null
+step "chart installed: every pod Ready"
+"${K[@]}" wait --for condition=Ready --timeout 120s storagebackend/local-file-node-1 >/dev/null
+
+pod_output() { # pod_output <pod> <line prefix>: the value printed after the prefix
+  local deadline=$((SECONDS + 60)) line
+  while ((SECONDS < deadline)); do
+    line=$("${K[@]}" logs -n default "$1" 2>/dev/null | awk -v p="$2" '$1 == p {print $2}' | tail -n1)
+    [[ -n $line ]] && { echo "$line"; return; }
+    sleep 0.5
+  done
+  echo "up: $1 printed no '$2' line" >&2; "${K[@]}" describe pod -n default "$1" >&2; return 1
 }
 
-NODE=${NODE_NAME:-$(hostname)}
-sed -e "s|NODE_NAME|$NODE|g" -e "s|BACKEND_DIR|$RUN/backend|g" "$ROOT/manifests/samples/backend-file.yaml" \
-  | "${KUBECTL[@]}" apply -f - >/dev/null
-start operator "$VENV/bin/opensds-operator"
-start dock-local-file "$VENV/bin/opensds-dock" --backend local-file
-"${KUBECTL[@]}" wait --for condition=Ready --timeout 60s storagebackend/local-file >/dev/null
-"${KUBECTL[@]}" apply -f "$ROOT/manifests/samples/profile-local.yaml" -f "$ROOT/manifests/samples/volume.yaml" >/dev/null
-"${KUBECTL[@]}" wait --for jsonpath='{.status.phase}'=Available --timeout 60s -n default volume.opensds.io/sample-data >/dev/null
-"${KUBECTL[@]}" wait --for jsonpath='{.status.readyToUse}'=true --timeout 60s -n default snapshot.opensds.io/sample-data-snap >/dev/null
+# 1. A pod writes to a PVC; deleted and re-created, it reads the same data back.
+"${K[@]}" apply -f "$SAMPLES/pvc.yaml" -f "$SAMPLES/pod-writer.yaml" >/dev/null
+"${K[@]}" wait -n default --for condition=Ready --timeout 120s pod/sample-writer >/dev/null
+written=$(pod_output sample-writer payload)
+"${K[@]}" delete -n default pod sample-writer --wait >/dev/null
+"${K[@]}" apply -f "$SAMPLES/pod-writer.yaml" >/dev/null
+"${K[@]}" wait -n default --for condition=Ready --timeout 120s pod/sample-writer >/dev/null
+reread=$(pod_output sample-writer payload)
+[[ $written == "$reread" ]] || { echo "up: data changed across pod re-creation: $written -> $reread" >&2; exit 1; }
+step "pod re-created on its PVC reads the same data (md5 $reread)"
 
-# CSI: the driver object, this machine as a Node with its CSINode (kubelet's part), the
-# controller and node plugins, the sidecars on the controller socket, snapshot-controller.
-"${KUBECTL[@]}" apply --server-side -f "$ROOT/manifests/base/namespace.yaml" -f "$ROOT/manifests/base/csidriver.yaml" >/dev/null
-sed "s|NODE_NAME|$NODE|g" "$ROOT/hack/local-node.yaml" | "${KUBECTL[@]}" apply --server-side -f - >/dev/null
-start csi-controller "$VENV/bin/opensds-csi" --role controller --namespace opensds-system \
-  --endpoint "unix://$RUN/csi/controller.sock"
-start csi-node "$VENV/bin/opensds-csi" --role node --node-id "$NODE" --state-dir "$RUN/csi/node-state" \
-  --local-root "$RUN/backend" --endpoint "unix://$RUN/csi/node.sock"
-while IFS=: read -r sidecar flags; do
-  [[ -z $sidecar || $sidecar == \#* ]] && continue
-  # shellcheck disable=SC2086  # flags are words
-  NAMESPACE=opensds-system POD_NAME=opensds-csi-controller start "$sidecar" "$ROOT/bin/$sidecar" \
-    "--csi-address=$RUN/csi/controller.sock" "--kubeconfig=$KUBECONFIG" $flags
-done < "$ROOT/hack/sidecars.txt"
-start snapshot-controller "$ROOT/bin/snapshot-controller" "--kubeconfig=$KUBECONFIG"
-sed "s|NODE_NAME|$NODE|g" "$ROOT/manifests/samples/pvc.yaml" | "${KUBECTL[@]}" apply -f - >/dev/null
-"${KUBECTL[@]}" wait --for jsonpath='{.status.phase}'=Bound --timeout 120s -n default pvc/sample-pvc >/dev/null
-"${KUBECTL[@]}" apply -f "$ROOT/manifests/samples/pvc-snapshot.yaml" >/dev/null
-"${KUBECTL[@]}" wait --for jsonpath='{.status.readyToUse}'=true --timeout 120s -n default volumesnapshot/sample-pvc-snap >/dev/null
+# 2. A snapshot restored into a second PVC holds the same bytes.
+"${K[@]}" apply -f "$SAMPLES/pvc-snapshot.yaml" >/dev/null
+"${K[@]}" wait -n default --for jsonpath='{.status.readyToUse}'=true --timeout 120s volumesnapshot/sample-pvc-snap >/dev/null
+"${K[@]}" apply -f "$SAMPLES/pvc-restore.yaml" >/dev/null
+"${K[@]}" wait -n default --for condition=Ready --timeout 120s pod/sample-reader >/dev/null
+restored=$(pod_output sample-reader payload)
+[[ $restored == "$written" ]] || { echo "up: restored snapshot differs: $restored != $written" >&2; exit 1; }
+step "snapshot restored into a second pod: same md5 $restored"
 
-echo "== OpenSDS is up (KUBECONFIG=$KUBECONFIG; logs in $RUN/logs)"
-"${KUBECTL[@]}" get storagebackends,storageprofiles
-"${KUBECTL[@]}" get storageclass,volumesnapshotclass
-"${KUBECTL[@]}" get -n default volumes.opensds.io,snapshots.opensds.io
-"${KUBECTL[@]}" get -n default pvc,volumesnapshot
-"${KUBECTL[@]}" get -n opensds-system volumes.opensds.io,snapshots.opensds.io
-"${KUBECTL[@]}" get -n opensds-system csistoragecapacities
+# 3. Online expansion while the writer runs: 1Gi -> 2Gi, seen by the filesystem inside the pod.
+size_kib() { "${K[@]}" exec -n default sample-writer -- df -k /data | awk 'NR == 2 {print $2}'; }
+before=$(size_kib)
+"${K[@]}" patch -n default pvc sample-pvc --type merge -p '{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}' >/dev/null
+deadline=$((SECONDS + 120))
+until (( $(size_kib) > before * 3 / 2 )); do
+  ((SECONDS < deadline)) || { echo "up: filesystem not grown after 120 s" >&2; "${K[@]}" describe pvc -n default sample-pvc >&2; exit 1; }
+  sleep 1
+done
+step "online expansion: the pod's filesystem grew from ${before} KiB to $(size_kib) KiB"
+
+echo "== OpenSDS is up in $((SECONDS - start)) s (KUBECONFIG=$KUBECONFIG)"
+"${K[@]}" get nodes -o wide
+"${K[@]}" get pods -A -o wide
+"${K[@]}" get storagebackends,storageprofiles,storageclass
+"${K[@]}" get -n default pvc,volumesnapshot
+"${K[@]}" get -n opensds-system volumes.opensds.io,snapshots.opensds.io
+echo "== sample-writer says:"; "${K[@]}" logs -n default sample-writer
+echo "== sample-reader says:"; "${K[@]}" logs -n default sample-reader

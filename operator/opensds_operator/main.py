@@ -6,12 +6,14 @@ import base64
 import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import kopf
+from kopf._core.engines.peering import Identity  # kopf.run()'s identity type, not re-exported
 
 from . import kube
 from .api import BACKENDS, CODE_INVALID_PARAMETERS, DOCK_FINALIZER, OPERATOR_FINALIZER, READY, dock_finalizer
@@ -81,7 +83,16 @@ def run_operator() -> None:
     handlers.Settings.default_over_subscription_ratio = args.over_subscription_ratio
     kopf.on.login(registry=handlers.registry)(kopf.login_via_client)
     kopf.run(registry=handlers.registry, settings=settings_for("operator"), standalone=True,
-             clusterwide=True, liveness_endpoint=args.liveness)
+             clusterwide=True, liveness_endpoint=args.liveness, identity=_identity())
+
+
+def _identity() -> Identity:
+    """This process's name in kopf's bookkeeping: host (the pod's name in a pod) and pid.
+
+    kopf would otherwise ask the password database for the user name, which a container running
+    as an arbitrary non-root UID (runAsUser) need not have.
+    """
+    return Identity(f"{socket.gethostname()}/{os.getpid()}")
 
 
 def _backend_secret(spec: dict[str, Any]) -> str | None:
@@ -187,7 +198,7 @@ def run_dock() -> None:
     threading.Thread(target=watch_lease, name="lease-watch", daemon=True).start()
     try:
         kopf.run(registry=registry, settings=settings_for("dock", args.backend), standalone=True, clusterwide=True,
-                 liveness_endpoint=args.liveness, stop_flag=stop)
+                 liveness_endpoint=args.liveness, stop_flag=stop, identity=_identity())
     finally:
         lease.release()
         lock.release()
