@@ -57,6 +57,13 @@ source_revision() {
 }
 source_epoch() { git log -1 --format=%ct -- "${SOURCE_PATHS[@]}" hack/images.sh hack/oci.py; }
 
+# A rootfs left by an interrupted build: never delete through a mount (mmdebstrap mounts /proc, /sys, /dev).
+clean_rootfs() {
+  [[ -e $1 ]] || return 0
+  if grep -qF " $1/" /proc/self/mountinfo; then log "$1 has mounts (a build still running?): not deleting"; exit 1; fi
+  rm -rf --one-file-system "$1"
+}
+
 build_project() {
   local base=opensds-k8s name=$PROJECT_NAME:$PROJECT_VERSION
   local inputs; inputs=$( { source_tar; tool_hash; echo "$DEBIAN_PACKAGES ${DEBIAN_MIRRORS[*]}"; source_revision; source_epoch; } | hash_of)
@@ -65,7 +72,8 @@ build_project() {
   epoch=$(source_epoch); rev=$(source_revision)
   export SOURCE_DATE_EPOCH=$epoch
   log "building $name (revision $rev, SOURCE_DATE_EPOCH=$epoch)"
-  rm -rf "$rootfs" "$wheels" "$src"
+  clean_rootfs "$rootfs"
+  rm -rf "$wheels" "$src"
   mkdir -p "$CACHE/debs" "$CACHE/pip" "$wheels" "$src"
 
   # 1. Debian: the Essential set (no apt in the image) plus the node tools; no recommends, no docs,
@@ -123,16 +131,17 @@ build_project() {
     --label "org.opencontainers.image.source=$SOURCE_URL" \
     --label "org.opencontainers.image.revision=$rev"
   cp "$pkgs" "$OUT/$base.packages.txt"
-  rm -rf "$rootfs" "$wheels" "$src"
+  clean_rootfs "$rootfs"
+  rm -rf "$wheels" "$src"
   stamp "$base" "$inputs"
   log "$name built in $((SECONDS - start))s"
 }
 
 # Files of a distroless-like base: users root, nobody, nonroot; CA bundle; /tmp.
-base_files() {
-  local dir=$BUILD/base-files
+base_files() { # [root's shell]
+  local dir=$BUILD/base-files shell=${1:-/sbin/nologin}
   mkdir -p "$dir"
-  printf 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' > "$dir/passwd"
+  printf 'root:x:0:0:root:/root:%s\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' "$shell" > "$dir/passwd"
   printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' > "$dir/group"
   BASE_ARGS=(--file "$dir/passwd=/etc/passwd:0644" --file "$dir/group=/etc/group:0644"
     --dir-entry /tmp:1777 --dir-entry /root:0700 --dir-entry /home/nonroot:0700)
@@ -142,11 +151,12 @@ base_files() {
 }
 
 build_sidecars() {
-  local spec bin var version name base inputs epoch
+  local spec bin var version name base inputs epoch repo
   epoch=$(git log -1 --format=%ct -- hack/versions.env)
   base_files
   for spec in "${SIDECARS[@]}"; do
     bin=${spec%%:*}; var=${spec#*:}; version=${!var}; name=$REGISTRY/$bin:$version; base=$bin
+    repo=${var%_VERSION}; repo=${repo,,}; repo=${repo//_/-} # EXTERNAL_RESIZER_VERSION -> external-resizer
     [[ -x bin/$bin ]] || { log "bin/$bin missing: run make tools"; exit 1; }
     if ! grep -qsE -- "@$version (.* )?$bin=" bin/.stamps/*; then
       log "bin/$bin is not the $version build of hack/versions.env: run make tools"; exit 1
@@ -156,7 +166,7 @@ build_sidecars() {
     SOURCE_DATE_EPOCH=$epoch "${OCI[@]}" --out "$OUT/$base.tar" --name "$name" --summary "$OUT/$base.json" \
       "${BASE_ARGS[@]}" --file "bin/$bin=/$bin:0755" --entrypoint "[\"/$bin\"]" --env PATH=/ \
       --label "org.opencontainers.image.title=$bin" --label "org.opencontainers.image.version=$version" \
-      --label "org.opencontainers.image.source=https://github.com/kubernetes-csi"
+      --label "org.opencontainers.image.source=https://github.com/kubernetes-csi/$repo"
     stamp "$base" "$inputs"
   done
 }
@@ -168,7 +178,7 @@ build_busybox() {
   version=${deb#*:}; version=${version%%-*} # 1:1.35.0-4+deb12u1+b1 -> 1.35.0
   name=opensds/busybox:$version
   epoch=$(git log -1 --format=%ct -- hack/images.sh)
-  base_files
+  base_files /bin/sh
   inputs=$( { cat /bin/busybox; echo "$deb $epoch"; tool_hash; } | hash_of)
   if up_to_date "$base" "$inputs"; then log "$name up to date"; return; fi
   local args=() applet
@@ -212,6 +222,9 @@ check_manifests() {
 build_all() {
   local start=$SECONDS
   mkdir -p "$OUT" "$BUILD"
+  # One build at a time: a second one would delete the rootfs the first is installing into.
+  exec 9> "$OUT/.lock"
+  flock -n 9 || { log "another build holds $OUT/.lock, waiting"; flock 9; }
   build_pause
   build_busybox
   build_sidecars
@@ -234,8 +247,12 @@ import_all() {
   done
 }
 
-case ${1:-build} in
-  build) build_all ;;
-  import) shift; import_all "$@" ;;
-  *) echo "usage: $0 build | import [--address <containerd socket>]" >&2; exit 2 ;;
-esac
+main() {
+  case ${1:-build} in
+    build) build_all ;;
+    import) shift; import_all "$@" ;;
+    *) echo "usage: $0 build | import [--address <containerd socket>]" >&2; exit 2 ;;
+  esac
+}
+# On one line: bash reads a script as it runs, so an edit during a build must not change what runs next.
+main "$@"; exit
