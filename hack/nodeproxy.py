@@ -36,7 +36,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ports: Path) -> None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         writer.close()
         return
     match = CONNECT.match(head)

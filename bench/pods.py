@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Benchmark (not a test): N pods, each with its own new PVC, from creation to Running.
+
+Runs against a system `make up` brought up (real kubelet node, the chart installed from the local
+images): every pod goes through kube-scheduler, external-provisioner (WaitForFirstConsumer), the
+operator and dock, external-attacher, kubelet and the node plugin (NodeStage/NodePublish), so the
+figure is what a user waits for. Per pod the latency is PVC+pod creation -> pod Running with its
+container ready, seen by one watch. Reports p50/p95/max and the whole run, then deletes everything
+and reports how long it took until every PV was gone.
+
+    make up && .venv/bin/python bench/pods.py [-n 50] [--clients 8] [--storage-class local-thin]
+
+With --storage-class naming another driver's class on the same node (e.g. csi-driver-host-path's,
+deployed with the same sidecar flags), the same run measures it; run both and divide for a ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kubernetes import client, config, watch
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBECONFIG = Path(os.environ.get("OPENSDS_CLUSTER_DIR", ROOT / ".cluster")) / "admin.kubeconfig"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def manifests(i: int, storage_class: str, size: str, image: str) -> tuple[client.V1PersistentVolumeClaim, client.V1Pod]:
+    name = f"bench-{i:04d}"
+    pvc = client.V1PersistentVolumeClaim(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PersistentVolumeClaimSpec(
+            access_modes=["ReadWriteOnce"], storage_class_name=storage_class,
+            resources=client.V1VolumeResourceRequirements(requests={"storage": size})))
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodSpec(
+            termination_grace_period_seconds=0,
+            containers=[client.V1Container(
+                name="app", image=image, image_pull_policy="IfNotPresent",
+                command=["sh", "-c", "echo ready > /data/ready && exec sleep 100000"],
+                volume_mounts=[client.V1VolumeMount(name="data", mount_path="/data")])],
+            volumes=[client.V1Volume(name="data", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(
+                claim_name=name))]))
+    return pvc, pod
+
+
+def run(api: client.ApiClient, n: int, clients: int, storage_class: str, size: str, image: str,
+        timeout: float) -> int:
+    core = client.CoreV1Api(api)
+    ns = f"bench-pods-{uuid.uuid4().hex[:6]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    created: dict[str, float] = {}
+    running: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch_pods() -> None:
+        w = watch.Watch()
+        for event in w.stream(core.list_namespaced_pod, ns, timeout_seconds=int(timeout) + 60):
+            pod = event["object"]
+            name = pod.metadata.name
+            statuses = pod.status.container_statuses or []
+            if name not in running and pod.status.phase == "Running" and statuses and all(s.ready for s in statuses):
+                running[name] = time.monotonic()
+                if len(running) == n:
+                    w.stop()
+        done.set()
+
+    watcher = threading.Thread(target=watch_pods, daemon=True)
+    watcher.start()
+    time.sleep(0.5)  # the watch is open before the first create
+
+    def create(i: int) -> None:
+        pvc, pod = manifests(i, storage_class, size, image)
+        created[pod.metadata.name] = time.monotonic()
+        core.create_namespaced_persistent_volume_claim(ns, pvc)
+        core.create_namespaced_pod(ns, pod)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(create, range(n)))
+    done.wait(timeout)
+    total = time.monotonic() - start
+    latencies = [running[name] - created[name] for name in running]
+    print(f"pods: {len(running)}/{n} Running with their PVCs (class {storage_class}, {size} each, {clients} clients)")
+    if latencies:
+        print(f"create -> Running: p50 {statistics.median(latencies):.2f} s, p95 {pct(latencies, 0.95):.2f} s, "
+              f"max {max(latencies):.2f} s; whole run {total:.1f} s")
+    # Clean up: pods first (unmount, detach), then the claims; time until every PV is gone.
+    t0 = time.monotonic()
+    core.delete_collection_namespaced_pod(ns, grace_period_seconds=0)
+    core.delete_collection_namespaced_persistent_volume_claim(ns)
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        left = [pv for pv in core.list_persistent_volume().items
+                if pv.spec.claim_ref is not None and pv.spec.claim_ref.namespace == ns]
+        if not left:
+            break
+        time.sleep(1)
+    print(f"cleanup: every PV gone {time.monotonic() - t0:.1f} s after deletion")
+    core.delete_namespace(ns)
+    return 0 if len(running) == n else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--storage-class", default="local-thin")
+    parser.add_argument("--size", default="64Mi")
+    parser.add_argument("--image", default="opensds/busybox:1.35.0")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--kubeconfig", default=str(KUBECONFIG))
+    args = parser.parse_args()
+    api = config.new_client_from_config(config_file=args.kubeconfig)
+    sys.exit(run(api, args.n, args.clients, args.storage_class, args.size, args.image, args.timeout))
+
+
+if __name__ == "__main__":
+    main()
