@@ -94,6 +94,20 @@ def split_name(name: str) -> tuple[str, str]:
     return name, "latest"
 
 
+def qualify(name: str) -> str:
+    """The fully qualified reference a container runtime resolves `name` to (Docker's rules).
+
+    Kubelet asks containerd's CRI for `docker.io/opensds/opensds-k8s:0.1.0` when a pod says
+    `opensds/opensds-k8s:0.1.0`, so that is the name an imported image must carry.
+    """
+    first, sep, _ = name.partition("/")
+    if not sep:  # "busybox:1.35.0"
+        return f"docker.io/library/{name}"
+    if "." in first or ":" in first or first == "localhost":
+        return name
+    return f"docker.io/{name}"
+
+
 def normalize(info: tarfile.TarInfo, epoch: int) -> tarfile.TarInfo:
     """Numeric owners only, mtime clamped to epoch, no device numbers on non-devices."""
     info.uname = info.gname = ""
@@ -246,7 +260,7 @@ def build(spec: ImageSpec, out: Path) -> dict[str, object]:
             index_entries.append({
                 **mdesc,
                 "platform": {"architecture": spec.architecture, "os": "linux"},
-                "annotations": {"org.opencontainers.image.ref.name": tag, "io.containerd.image.name": name},
+                "annotations": {"org.opencontainers.image.ref.name": tag, "io.containerd.image.name": qualify(name)},
             })
         index = canonical({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": index_entries})
         blobs: dict[str, bytes | Path] = {x.digest: x.blob for x in layers}

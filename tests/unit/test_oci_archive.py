@@ -99,7 +99,8 @@ def test_index_names_every_image_for_skopeo_and_containerd(tmp_path: Path) -> No
     assert members == sorted(members, key=lambda m: (m != "blobs" and not m.startswith("blobs/"), m))
     assert index["mediaType"] == oci.MT_INDEX
     assert [m["annotations"] for m in index["manifests"]] == [
-        {"org.opencontainers.image.ref.name": "1.35.0", "io.containerd.image.name": name} for name in names
+        {"org.opencontainers.image.ref.name": "1.35.0", "io.containerd.image.name": oci.qualify(name)}
+        for name in names
     ]
     assert {m["digest"] for m in index["manifests"]} == {summary["manifest"]}
     assert all(m["platform"] == {"architecture": "amd64", "os": "linux"} for m in index["manifests"])
@@ -165,3 +166,14 @@ def test_entries_layer_adds_parents_sorted(tmp_path: Path) -> None:
 ])
 def test_split_name(name: str, repo: str, tag: str) -> None:
     assert oci.split_name(name) == (repo, tag)
+
+
+@pytest.mark.parametrize(("name", "qualified"), [
+    ("opensds/opensds-k8s:0.1.0", "docker.io/opensds/opensds-k8s:0.1.0"),
+    ("busybox:1.35.0", "docker.io/library/busybox:1.35.0"),
+    ("registry.k8s.io/pause:3.10", "registry.k8s.io/pause:3.10"),
+    ("localhost/x:1", "localhost/x:1"),
+    ("127.0.0.1:5000/x:1", "127.0.0.1:5000/x:1"),
+])
+def test_images_carry_the_name_kubelet_asks_containerd_for(name: str, qualified: str) -> None:
+    assert oci.qualify(name) == qualified
