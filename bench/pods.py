@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=50)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--storage-class", default="local-thin")
-    parser.add_argument("--size", default="64Mi")
+    parser.add_argument("--size", default="512Mi", help="thin: costs no space; xfs needs 300 MiB")
     parser.add_argument("--image", default="opensds/busybox:1.35.0")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--kubeconfig", default=str(KUBECONFIG))

@@ -51,7 +51,7 @@ need() {
 }
 
 fabric_up() {
-  ip netns list | grep -qw "^$FABRIC" && return
+  ip netns list 2>/dev/null | grep -qw "^$FABRIC" && return
   ip netns add "$FABRIC"
   ip -n "$FABRIC" link set lo up
   ip -n "$FABRIC" link add br0 type bridge
@@ -187,7 +187,7 @@ node_up() { # node_up <node> <index>
   node_config "$node" "$i"
   mkdir -p /var/lib/kubelet /var/lib/opensds /var/log/pods   # mount points (empty on the host)
   cgroups mkdir "/$TAG-$node"
-  if ! ip netns list | grep -qw "^$ns"; then
+  if ! ip netns list 2>/dev/null | grep -qw "^$ns"; then
     ip netns add "$ns"
     ip -n "$ns" link set lo up
     ip link add "v$API_PORT-$i" type veth peer name eth0 netns "$ns"

@@ -156,8 +156,21 @@ def make_filesystem(device: str, fstype: str) -> None:
         raise InvalidArgument(f"fs_type {fstype!r} is not supported ({', '.join(SUPPORTED_FILESYSTEMS)})")
 
 
+def filesystem_options(fstype: str, options: list[str]) -> list[str]:
+    """The options a filesystem is mounted with: the volume's, plus what cloning needs.
+
+    A volume restored from a snapshot (or cloned) carries its source's XFS UUID, and XFS refuses
+    to mount a second filesystem with a UUID already mounted on the node: `nouuid` lets a clone
+    and its source be mounted side by side (as ceph-csi does). ext4 does not care.
+    """
+    if fstype == "xfs" and "nouuid" not in options:
+        return [*options, "nouuid"]
+    return list(options)
+
+
 def mount(source: str, target: str, fstype: str, options: list[str]) -> None:
     args = ["mount", "-t", fstype]
+    options = filesystem_options(fstype, options)
     if options:
         args += ["-o", ",".join(options)]
     run(*args, source, target)

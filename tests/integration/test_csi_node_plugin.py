@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -385,3 +386,24 @@ def test_second_operation_on_the_same_volume_is_aborted_not_queued() -> None:
             pass
     with locks.hold("opensds-system/v1"):
         pass
+
+
+def test_a_restored_xfs_volume_mounts_beside_its_mounted_source(env: tuple[Node, Path]) -> None:
+    """A snapshot restore copies the XFS UUID; XFS refuses a duplicate UUID unless mounted nouuid."""
+    node, tmp = env
+    source = Volume(tmp, "xfs-source", 320 * MIB)
+    source.stage(node, capability("xfs"))
+    source.publish(node, capability("xfs"))
+    (source.target / "payload").write_bytes(b"snapshot me")
+    source.unpublish(node)
+    source.unstage(node)  # flushed: the copy below is what a snapshot restore hands the node
+    clone = Volume(tmp, "xfs-clone", 320 * MIB)
+    shutil.copyfile(source.file, clone.file)
+    source.stage(node, capability("xfs"))
+    source.publish(node, capability("xfs"))
+    clone.stage(node, capability("xfs"))
+    clone.publish(node, capability("xfs"))
+    assert (clone.target / "payload").read_bytes() == b"snapshot me"
+    for volume in (clone, source):
+        volume.unpublish(node)
+        volume.unstage(node)

@@ -173,7 +173,7 @@ def test_node_plugin_and_kubelet_restarts_keep_mounted_volumes_working(deploymen
             {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
              "metadata": {"name": "after-restart", "namespace": "default"},
              "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "local-thin",
-                      "resources": {"requests": {"storage": "64Mi"}}}},
+                      "resources": {"requests": {"storage": "512Mi"}}}},  # xfs: 300 MiB at least
             {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "after-restart", "namespace": "default"},
              "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
                  "name": "app", "image": "opensds/busybox:1.35.0", "imagePullPolicy": "IfNotPresent",
