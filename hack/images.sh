@@ -241,7 +241,17 @@ import_all() {
       *) echo "usage: $0 import [--address <containerd socket>]" >&2; exit 2 ;;
     esac
   done
+  local present wanted
+  present=$(ctr -a "$address" -n k8s.io images ls 2>/dev/null | awk 'NR > 1 {print $1, $3}')
   for archive in "$OUT"/*.tar; do
+    # "<name> <manifest digest>" per name in the archive's index: skip it when containerd has them all.
+    wanted=$(tar -xOf "$archive" index.json | python3 -c 'import json, sys
+for m in json.load(sys.stdin)["manifests"]:
+    print(m["annotations"]["io.containerd.image.name"], m["digest"])')
+    if [[ -z $(comm -23 <(sort <<< "$wanted") <(sort <<< "$present")) ]]; then
+      log "$(basename "$archive"): already in containerd"
+      continue
+    fi
     log "importing $archive"
     ctr -a "$address" -n k8s.io images import "$archive"
   done

@@ -143,6 +143,9 @@ clusterDomain: cluster.local
 resolvConf: /etc/resolv.conf
 podCIDR: 10.244.$i.0/24
 serializeImagePulls: false
+# Running pods are re-synced every 10 s (default 1 min): an online expansion reaches the pod's
+# filesystem within seconds instead of up to a minute.
+syncFrequency: 10s
 imageGCHighThresholdPercent: 100
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
 podLogsDir: /var/log/pods
@@ -270,12 +273,19 @@ node_down() { # node_down <node>
   local node=$1 dir=$NODES_DIR/$1 ns=$TAG-$1 run=/run/$TAG-$1 pids=() f
   for f in kubelet init; do alive "$dir/$f.pid" && pids+=("$(cat "$dir/$f.pid")"); done
   kill_wait TERM "${pids[@]}"
-  # Every pod's processes (the node's cgroup root), then containerd and its shims.
+  # Every pod's processes (the node's cgroup root): SIGTERM first, as a node shutdown would (leader-
+  # elected components release their leases), SIGKILL what is left after 5 s; then containerd.
   local procs
-  procs=$(cat /sys/fs/cgroup/pids/"$TAG-$node"/cgroup.procs /sys/fs/cgroup/pids/"$TAG-$node"/*/cgroup.procs \
-          $(find /sys/fs/cgroup/pids/"$TAG-$node" -name cgroup.procs 2>/dev/null) 2>/dev/null | sort -u || true)
-  # shellcheck disable=SC2086
-  [[ -n $procs ]] && kill -KILL $procs 2>/dev/null || true
+  # shellcheck disable=SC2046
+  procs=$(cat $(find /sys/fs/cgroup/pids/"$TAG-$node" -name cgroup.procs 2>/dev/null) /dev/null 2>/dev/null | sort -u || true)
+  if [[ -n $procs ]]; then
+    # shellcheck disable=SC2086
+    kill -TERM $procs 2>/dev/null || true
+    local deadline=$((SECONDS + 5)) pid
+    for pid in $procs; do while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done; done
+    # shellcheck disable=SC2086
+    kill -KILL $procs 2>/dev/null || true
+  fi
   pkill -KILL -f -- "-address $run/containerd.sock" 2>/dev/null || true
   alive "$dir/containerd.pid" && kill_wait KILL "$(cat "$dir/containerd.pid")"
   pkill -KILL -f -- "$dir/" 2>/dev/null || true

@@ -46,6 +46,13 @@ class Deployment:
     up_output: str
     facts: dict[str, str] = field(default_factory=dict)  # what a later test checks again
 
+    @property
+    def demo(self) -> str:
+        """The namespace hack/up.sh ran its demo pods in."""
+        match = re.search(r"the demo ran in namespace (\S+)", self.up_output)
+        assert match, self.up_output
+        return match.group(1)
+
     def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         result = subprocess.run([str(ROOT / "bin" / "kubectl"), "--kubeconfig", str(KUBECONFIG), *args],
                                 capture_output=True, text=True, timeout=timeout)
@@ -66,7 +73,7 @@ class Deployment:
         return self.get("pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/name={label}")["items"]  # type: ignore[no-any-return]
 
     def in_pod(self, pod: str, script: str) -> str:
-        return self.kubectl("exec", "-n", "default", pod, "--", "sh", "-c", script).strip()
+        return self.kubectl("exec", "-n", self.demo, pod, "--", "sh", "-c", script).strip()
 
     def md5(self, pod: str) -> str:
         return self.in_pod(pod, "md5sum < /data/payload | cut -d' ' -f1")
@@ -113,8 +120,8 @@ def test_make_up_serves_pods_on_pvcs_through_the_chart(deployment: Deployment) -
     for pod in d.get("pods", "-n", NAMESPACE)["items"]:  # the shipped ServiceAccounts, not default
         assert pod["spec"]["serviceAccountName"] != "default", pod["metadata"]["name"]
     out = d.up_output
-    assert re.search(r"pod re-created on its PVC reads the same data", out), out
-    assert "snapshot restored into a second pod: same md5" in out
+    assert "the pod re-created on its PVC reads the same data" in out, out
+    assert "the snapshot restored into a second PVC: its pod reads the same data" in out
     assert re.search(r"online expansion: the pod's filesystem grew from \d+ KiB to \d+ KiB", out)
     # kubelet, not a stand-in, wrote the CSINode from the plugin's registration.
     csinode = d.get("csinode", "node-1")
@@ -126,7 +133,7 @@ def test_make_up_serves_pods_on_pvcs_through_the_chart(deployment: Deployment) -
 def test_helm_upgrade_rolls_every_component_while_the_pod_keeps_its_volume(deployment: Deployment) -> None:
     d = deployment
     before = _all_ready(d)
-    writer_uid = d.get("pod", "-n", "default", "sample-writer")["metadata"]["uid"]
+    writer_uid = d.get("pod", "-n", d.demo, "sample-writer")["metadata"]["uid"]
     payload = d.md5("sample-writer")
     d.helm("upgrade", "opensds", str(ROOT / "charts" / "opensds"), "-n", NAMESPACE, "--reuse-values",
            "--set", "logLevel=debug", "--wait", "--timeout", "300s")
@@ -140,7 +147,7 @@ def test_helm_upgrade_rolls_every_component_while_the_pod_keeps_its_volume(deplo
             pass
         assert time.monotonic() < deadline, f"components did not roll: {before} -> {d.pods('opensds-csi-node')}"
         time.sleep(1)
-    assert d.get("pod", "-n", "default", "sample-writer")["metadata"]["uid"] == writer_uid
+    assert d.get("pod", "-n", d.demo, "sample-writer")["metadata"]["uid"] == writer_uid
     assert d.md5("sample-writer") == payload
     assert d.in_pod("sample-writer", "echo after-upgrade > /data/io && sync && cat /data/io") == "after-upgrade"
 
@@ -171,10 +178,10 @@ def test_node_plugin_and_kubelet_restarts_keep_mounted_volumes_working(deploymen
     manifest = {
         "apiVersion": "v1", "kind": "List", "items": [
             {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-             "metadata": {"name": "after-restart", "namespace": "default"},
+             "metadata": {"name": "after-restart", "namespace": d.demo},
              "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "local-thin",
                       "resources": {"requests": {"storage": "512Mi"}}}},  # xfs: 300 MiB at least
-            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "after-restart", "namespace": "default"},
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "after-restart", "namespace": d.demo},
              "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
                  "name": "app", "image": "opensds/busybox:1.35.0", "imagePullPolicy": "IfNotPresent",
                  "command": ["sh", "-c", "echo ok > /data/f && exec sleep 100000"],
@@ -183,14 +190,14 @@ def test_node_plugin_and_kubelet_restarts_keep_mounted_volumes_working(deploymen
         ]}
     subprocess.run([str(ROOT / "bin" / "kubectl"), "--kubeconfig", str(KUBECONFIG), "apply", "-f", "-"],
                    input=json.dumps(manifest), text=True, check=True, capture_output=True)
-    d.wait_ready("-n", "default", "pod/after-restart")
+    d.wait_ready("-n", d.demo, "pod/after-restart")
     assert d.in_pod("after-restart", "cat /data/f") == "ok"
-    d.kubectl("delete", "-n", "default", "pod/after-restart", "pvc/after-restart", "--wait=true")
+    d.kubectl("delete", "-n", d.demo, "pod/after-restart", "pvc/after-restart", "--wait=true")
 
 
 def test_helm_uninstall_leaves_only_the_crds_and_the_data(deployment: Deployment) -> None:
     d = deployment
-    d.kubectl("delete", "-n", "default", "pod", "sample-writer", "sample-reader", "--wait=true")
+    d.kubectl("delete", "-n", d.demo, "pod", "sample-writer", "sample-reader", "--wait=true")
     deadline = time.monotonic() + 120
     while d.get("volumeattachments")["items"]:  # detached while the attacher still runs
         assert time.monotonic() < deadline, "volumes still attached after their pods went"
@@ -230,6 +237,6 @@ def test_kustomize_base_deploys_the_same_product_and_serves_the_kept_volume(depl
             assert time.monotonic() < deadline, d.kubectl("get", "pods", "-A", "-o", "wide")
             time.sleep(2)
     manifest = ROOT / "manifests" / "samples" / "pod-writer.yaml"
-    d.kubectl("apply", "-f", str(manifest))  # the writer keeps an existing payload
-    d.wait_ready("-n", "default", "pod/sample-writer")
+    d.kubectl("apply", "-n", d.demo, "-f", str(manifest))  # the writer keeps an existing payload
+    d.wait_ready("-n", d.demo, "pod/sample-writer")
     assert d.md5("sample-writer") == d.facts["payload"]
