@@ -60,7 +60,8 @@ fabric_up() {
 
 node_certs() { # node_certs <node>: a kubelet client certificate in the system:nodes group
   local node=$1 dir=$NODES_DIR/$1
-  [[ -f $dir/kubelet.crt ]] && return
+  # Kept across restarts, re-issued when the control plane's CA changed (hack/cluster.sh reset).
+  openssl verify -CAfile "$PKI/ca.crt" "$dir/kubelet.crt" >/dev/null 2>&1 && return
   openssl genrsa -out "$dir/kubelet.key" 2048 2>/dev/null
   openssl req -new -key "$dir/kubelet.key" -subj "/O=system:nodes/CN=system:node:$node" -out "$dir/kubelet.csr" 2>/dev/null
   printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > "$dir/kubelet.ext"
