@@ -37,12 +37,12 @@ typecheck: venv
 unit: venv
 	$(PY) -m pytest -q tests/unit
 
-integration: venv tools
+integration: venv tools images
 	$(PY) -m pytest -q -m "not chaos" tests/integration
 
 # One pytest run over unit + integration so its closing line counts every test.
 # pytest exits 5 when it collected nothing; make treats that (like any non-zero) as failure.
-test: lint typecheck tools
+test: lint typecheck tools images
 	$(PY) -m pytest -q -rs -m "not chaos" tests
 
 chaos: venv tools            ## 300 CSI operations under SIGKILLs and an apiserver restart (minutes)

@@ -30,7 +30,7 @@ CEPH=(ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd)
 VM=(qemu-system-x86 busybox-static socat fio)
 # Images and a kubelet node (hack/images.sh, hack/node.sh): container runtime, CNI plugins, root
 # filesystems and OCI image tools, the node's packet filtering and port forwarding.
-IMAGES_NODE=(containerd runc containernetworking-plugins mmdebstrap skopeo umoci iptables socat)
+IMAGES_NODE=(containerd runc containernetworking-plugins mmdebstrap skopeo umoci iptables socat gcc libc6-dev python3-pip)
 
 PACKAGES=()
 for pkg in "${BASE[@]}" "${TEST[@]}" "${NODE_TOOLS[@]}" "${CEPH[@]}" "${VM[@]}" "${IMAGES_NODE[@]}"; do
