@@ -107,7 +107,15 @@ rel=${RUN_DIR#"$ROOT"/}
 echo "vm: exit $rc after $((SECONDS - start))s; guest memory $MEMORY, peak use $(peak_mem); logs in $rel" >&2
 if ((rc != 0)); then
   {
-    ((rc == 255)) && echo "vm: 255 = the guest ended without the command's exit code (kernel panic, init killed, QEMU died)"
+    if ((rc == 255)); then # vng: QEMU ended and the guest never reported the command's exit code
+      if grep -q 'Kernel panic' "$RUN_DIR/console.log" 2>/dev/null; then
+        echo "vm: 255: the guest kernel panicked (console.log below)"
+      elif grep -q 'reboot: Power down' "$RUN_DIR/console.log" 2>/dev/null; then
+        echo "vm: 255: the guest powered off without reporting an exit code (its init ended early?)"
+      else
+        echo "vm: 255: QEMU ended while the guest was running (killed or crashed on the host: see the host's dmesg)"
+      fi
+    fi
     echo "vm: ---- OOM killer / panic lines (kernel.log, console.log) ----"
     grep -hiE 'oom|out of memory|killed process|panic|segfault|hung task|BUG:|Call Trace' \
       "$RUN_DIR/kernel.log" "$RUN_DIR/console.log" 2>/dev/null | grep -viE 'command line' | tail -n 40 || true

@@ -37,7 +37,7 @@ def lio() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def ceph() -> Iterator[tuple[str, str]]:
-    """Ceph inside the VM (about 2 minutes to HEALTH_OK under TCG): (ceph.conf, client.opensds key)."""
+    """Ceph inside the VM (2 to 8 minutes to HEALTH_OK under TCG): (ceph.conf, client.opensds key)."""
     kernel.sh("ip", "link", "set", "lo", "up")
     yield kernel.start_ceph()
     kernel.stop_ceph()

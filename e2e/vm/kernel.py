@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,9 +144,17 @@ CEPH_DIR = Path("/run/ceph")  # tmpfs inside the VM (bluestore opens its block f
 def start_ceph() -> tuple[str, str]:
     """A real one-OSD Ceph cluster on the VM's own loopback (hack/ceph.sh); returns (conf, client.opensds key)."""
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(["bash", str(root / "hack" / "ceph.sh"), "up"], capture_output=True, text=True,
-                          env={**os.environ, "OPENSDS_CEPH_DIR": str(CEPH_DIR)})
-    if done.returncode != 0:
+    env = {**os.environ, "OPENSDS_CEPH_DIR": str(CEPH_DIR)}
+    done = subprocess.run(["bash", str(root / "hack" / "ceph.sh"), "up"], capture_output=True, text=True, env=env)
+    # ceph.sh gives the new cluster 60 s to report HEALTH_OK and the pool's statistics; under TCG on
+    # a loaded host that took longer (its own `health detail` then said HEALTH_OK). The cluster is
+    # made by then and its daemons keep running: give it more time before failing.
+    healthy, deadline = done.returncode == 0, time.monotonic() + 600
+    while not healthy and time.monotonic() < deadline:
+        time.sleep(2)
+        healthy = subprocess.run(["bash", str(root / "hack" / "ceph.sh"), "status"], capture_output=True,
+                                 env=env).returncode == 0
+    if not healthy:
         raise RuntimeError(f"hack/ceph.sh up failed: {done.stdout}{done.stderr}")
     keyring = (CEPH_DIR / "client.opensds.keyring").read_text()
     key = next(line.split("=", 1)[1].strip() for line in keyring.splitlines() if line.strip().startswith("key"))
