@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CLUSTER_DIR = Path(os.environ.get("OPENSDS_TEST_CLUSTER_DIR", ROOT / ".cluster-test"))
 API_PORT = int(os.environ.get("OPENSDS_TEST_API_PORT", "26443"))    # +1 controller-manager, +2 scheduler
-ETCD_PORT = int(os.environ.get("OPENSDS_TEST_ETCD_PORT", "33790"))  # +10 peer, +20 metrics
+ETCD_PORT = int(os.environ.get("OPENSDS_TEST_ETCD_PORT", "25790"))  # +10 peer, +20 metrics
 CEPH_DIR = Path(os.environ.get("OPENSDS_TEST_CEPH_DIR", ROOT / ".ceph-test"))
 CEPH_PORT = int(os.environ.get("OPENSDS_TEST_CEPH_PORT", "15300"))  # +1 v1, +100..+199 daemons
 KUBECONFIG = CLUSTER_DIR / "admin.kubeconfig"

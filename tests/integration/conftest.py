@@ -1,7 +1,7 @@
 """Integration fixtures: a real kube-apiserver (hack/cluster.sh) with our CRDs installed.
 
 The control plane is the tests' own (tests/testenv.py: .cluster-test/, apiserver 26443, etcd
-33790 by default), never `make up`'s. It is session-scoped: started when absent (and stopped
+25790 by default), never `make up`'s. It is session-scoped: started when absent (and stopped
 again at the end unless OPENSDS_KEEP_CLUSTER=1), reused when a developer already runs it. Each
 test gets its own namespace, deleted afterwards. One session at a time holds the cluster (a
 lock file); at its start, what an interrupted earlier session left behind (its processes, the

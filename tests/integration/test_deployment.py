@@ -36,7 +36,7 @@ ENV = {
     **os.environ,
     "OPENSDS_CLUSTER_DIR": str(ROOT / ".cluster-deploy"),
     "OPENSDS_API_PORT": "27443",
-    "OPENSDS_ETCD_PORT": "34790",
+    "OPENSDS_ETCD_PORT": "28790",
     "OPENSDS_NODES_DIR": str(ROOT / ".nodes-deploy"),
 }
 KUBECONFIG = Path(ENV["OPENSDS_CLUSTER_DIR"]) / "admin.kubeconfig"
