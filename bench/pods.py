@@ -8,10 +8,13 @@ figure is what a user waits for. Per pod the latency is PVC+pod creation -> pod 
 container ready, seen by one watch. Reports p50/p95/max and the whole run, then deletes everything
 and reports how long it took until every PV was gone.
 
-    make up && .venv/bin/python bench/pods.py [-n 50] [--clients 8] [--storage-class local-thin]
+    make up && .venv/bin/python bench/pods.py [-n 50] [--clients 8] [--hostpath bin/hostpathplugin]
 
-With --storage-class naming another driver's class on the same node (e.g. csi-driver-host-path's,
-deployed with the same sidecar flags), the same run measures it; run both and divide for a ratio.
+With --hostpath (a csi-driver-host-path binary; `make tools` cannot build it: the module proxy
+refuses it), the same run follows on csi-driver-host-path deployed on the same node: its plugin
+(controller and node in one process) in our image with the binary mounted from the host, beside
+the very sidecar containers of our CSI controller Deployment (same images, flags, ServiceAccount),
+registered with kubelet by `python -m opensds_csi.registration`; and the ratio is printed.
 """
 from __future__ import annotations
 
@@ -56,8 +59,79 @@ def manifests(i: int, storage_class: str, size: str, image: str) -> tuple[client
     return pvc, pod
 
 
+HOSTPATH = "hostpath.csi.k8s.io"
+HOSTPATH_SOCKET_DIR = "/var/lib/kubelet/plugins/csi-hostpath"
+
+
+def hostpath_deployment(api: client.ApiClient, binary: Path, node: str) -> dict:  # type: ignore[type-arg]
+    """csi-driver-host-path beside copies of our controller's sidecar containers."""
+    ours = client.AppsV1Api(api).read_namespaced_deployment("opensds-csi-controller", "opensds-system")
+    plugin_image = ours.spec.template.spec.containers[0].image
+    sidecars = [api.sanitize_for_serialization(c) for c in ours.spec.template.spec.containers[1:]]
+    host_path = lambda path, kind="Directory": {"path": path, "type": kind}  # noqa: E731
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "bench-hostpath", "namespace": "opensds-system"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "bench-hostpath"}}, "template": {
+            "metadata": {"labels": {"app": "bench-hostpath"}},
+            "spec": {
+                "serviceAccountName": ours.spec.template.spec.service_account_name,
+                "nodeSelector": {"kubernetes.io/hostname": node},
+                "containers": [
+                    {"name": "hostpath", "image": plugin_image, "imagePullPolicy": "IfNotPresent",
+                     "command": ["/hostpath-bin/" + binary.name, f"--drivername={HOSTPATH}",
+                                 "--endpoint=unix:///csi/csi.sock", "--nodeid=$(NODE_NAME)",
+                                 "--enable-attach=true", "--statedir=/csi-data-dir"],
+                     "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                     "securityContext": {"privileged": True},
+                     "volumeMounts": [
+                         {"name": "socket-dir", "mountPath": "/csi"},
+                         {"name": "kubelet", "mountPath": "/var/lib/kubelet", "mountPropagation": "Bidirectional"},
+                         {"name": "data", "mountPath": "/csi-data-dir"},
+                         {"name": "dev", "mountPath": "/dev"},
+                         {"name": "bin", "mountPath": "/hostpath-bin", "readOnly": True}]},
+                    {"name": "registrar", "image": plugin_image, "imagePullPolicy": "IfNotPresent",
+                     "command": ["python3", "-m", "opensds_csi.registration", f"--driver-name={HOSTPATH}",
+                                 "--registration-dir=/registration",
+                                 f"--kubelet-registration-path={HOSTPATH_SOCKET_DIR}/csi.sock"],
+                     "volumeMounts": [{"name": "registration", "mountPath": "/registration"}]},
+                    *sidecars],
+                "volumes": [
+                    {"name": "socket-dir", "hostPath": host_path(HOSTPATH_SOCKET_DIR, "DirectoryOrCreate")},
+                    {"name": "registration", "hostPath": host_path("/var/lib/kubelet/plugins_registry")},
+                    {"name": "kubelet", "hostPath": host_path("/var/lib/kubelet")},
+                    {"name": "data", "hostPath": host_path("/var/lib/csi-hostpath-data", "DirectoryOrCreate")},
+                    {"name": "dev", "hostPath": host_path("/dev")},
+                    {"name": "bin", "hostPath": host_path(str(binary.resolve().parent))}]}}}}
+
+
+def deploy_hostpath(api: client.ApiClient, binary: Path, node: str, timeout: float) -> str:
+    """Deploy csi-driver-host-path and its StorageClass; wait until kubelet registered it."""
+    storage, apps = client.StorageV1Api(api), client.AppsV1Api(api)
+    storage.create_csi_driver({"apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": {"name": HOSTPATH},
+                               "spec": {"attachRequired": True, "podInfoOnMount": True, "storageCapacity": True,
+                                        "fsGroupPolicy": "File", "volumeLifecycleModes": ["Persistent"]}})
+    storage.create_storage_class({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                                  "metadata": {"name": "bench-hostpath"}, "provisioner": HOSTPATH,
+                                  "volumeBindingMode": "WaitForFirstConsumer", "allowVolumeExpansion": True})
+    apps.create_namespaced_deployment("opensds-system", hostpath_deployment(api, binary, node))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        drivers = storage.read_csi_node(node).spec.drivers or []
+        if any(d.name == HOSTPATH for d in drivers):
+            return "bench-hostpath"
+        time.sleep(1)
+    raise SystemExit(f"{HOSTPATH} did not register with kubelet on {node} within {timeout:.0f} s")
+
+
+def remove_hostpath(api: client.ApiClient) -> None:
+    client.AppsV1Api(api).delete_namespaced_deployment("bench-hostpath", "opensds-system")
+    client.StorageV1Api(api).delete_storage_class("bench-hostpath")
+    client.StorageV1Api(api).delete_csi_driver(HOSTPATH)
+
+
 def run(api: client.ApiClient, n: int, clients: int, storage_class: str, size: str, image: str,
-        timeout: float) -> int:
+        timeout: float) -> tuple[int, float]:
     core = client.CoreV1Api(api)
     ns = f"bench-pods-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
@@ -110,7 +184,7 @@ def run(api: client.ApiClient, n: int, clients: int, storage_class: str, size: s
         time.sleep(1)
     print(f"cleanup: every PV gone {time.monotonic() - t0:.1f} s after deletion")
     core.delete_namespace(ns)
-    return 0 if len(running) == n else 1
+    return (0 if len(running) == n else 1), total
 
 
 def main() -> None:
@@ -122,9 +196,22 @@ def main() -> None:
     parser.add_argument("--image", default="opensds/busybox:1.35.0")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--kubeconfig", default=str(KUBECONFIG))
+    parser.add_argument("--hostpath", type=Path, help="a hostpathplugin binary: also run on csi-driver-host-path")
+    parser.add_argument("--node", default="node-1", help="--hostpath: the node to deploy it on")
     args = parser.parse_args()
     api = config.new_client_from_config(config_file=args.kubeconfig)
-    sys.exit(run(api, args.n, args.clients, args.storage_class, args.size, args.image, args.timeout))
+    print(f"== ours ({args.storage_class})")
+    rc, ours = run(api, args.n, args.clients, args.storage_class, args.size, args.image, args.timeout)
+    if args.hostpath is None:
+        sys.exit(rc)
+    print(f"== csi-driver-host-path ({args.hostpath}), same node, same sidecars")
+    hostpath_class = deploy_hostpath(api, args.hostpath, args.node, args.timeout)
+    try:
+        rc2, theirs = run(api, args.n, args.clients, hostpath_class, args.size, args.image, args.timeout)
+    finally:
+        remove_hostpath(api)
+    print(f"== whole run, ours / csi-driver-host-path: {ours:.1f} s / {theirs:.1f} s = {ours / theirs:.2f}")
+    sys.exit(rc or rc2)
 
 
 if __name__ == "__main__":

@@ -95,3 +95,31 @@ class Registrar:
                 self._server.stop(2).wait()
                 self._server = None
             self.socket.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m opensds_csi.registration`: register another CSI driver with kubelet.
+
+    Stands in for node-driver-registrar beside a third-party node plugin (bench/pods.py uses it
+    for csi-driver-host-path); our own node plugin registers in-process (`--registration-dir`).
+    """
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m opensds_csi.registration", description=main.__doc__)
+    parser.add_argument("--driver-name", required=True)
+    parser.add_argument("--registration-dir", required=True, help="kubelet's plugins_registry as mounted here")
+    parser.add_argument("--kubelet-registration-path", required=True, help="the driver's CSI socket on the host")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registrar = Registrar(args.driver_name, args.registration_dir, args.kubelet_registration_path)
+    registrar.start()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    while not stopped.wait(10):
+        registrar.keep_socket()
+    registrar.stop()
+
+
+if __name__ == "__main__":
+    main()
