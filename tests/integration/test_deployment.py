@@ -11,7 +11,7 @@ hack/node.sh (containerd + runc + kubelet in their own network and mount namespa
    plugin re-registers, a pod started afterwards mounts a new volume.
 4. `helm uninstall` leaves the CRDs, backends/profiles and the volumes' data, nothing else.
 5. `kubectl apply -k manifests/base` deploys the same product again, which serves the volume
-   made by the chart's install: a new pod reads the same data.
+   made by the chart's install (a new pod reads the same data) and passes the same demo.
 The tests share one deployment and run in file order.
 """
 from __future__ import annotations
@@ -247,3 +247,11 @@ def test_kustomize_base_deploys_the_same_product_and_serves_the_kept_volume(depl
     d.kubectl("apply", "-n", d.demo, "-f", str(manifest))  # the writer keeps an existing payload
     d.wait_ready("-n", d.demo, "pod/sample-writer")
     assert d.md5("sample-writer") == d.facts["payload"]
+    # And the whole demo (pod re-creation, snapshot restore, online expansion) on this deployment.
+    demo = subprocess.run(["bash", "hack/demo.sh"], env={**ENV, "KUBECONFIG": str(KUBECONFIG)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, f"hack/demo.sh on the kustomize deployment:\n{demo.stdout}\n{demo.stderr}"
+    out = demo.stdout + demo.stderr
+    assert "the pod re-created on its PVC reads the same data" in out
+    assert "the snapshot restored into a second PVC: its pod reads the same data" in out
+    assert "online expansion: the pod's filesystem grew" in out
