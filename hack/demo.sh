@@ -11,8 +11,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export KUBECONFIG=${KUBECONFIG:-${OPENSDS_CLUSTER_DIR:-$ROOT/.cluster}/admin.kubeconfig}
 K=("$ROOT/bin/kubectl")
 SAMPLES=$ROOT/manifests/samples
-start=${OPENSDS_START:-$SECONDS}
-step() { echo "up: [$((SECONDS - start))s] $*" >&2; }
+start=${OPENSDS_START:-$(date +%s)}
+step() { echo "up: [$(($(date +%s) - start))s] $*" >&2; }
 
 # The demo's own namespace, new each run; earlier runs' are deleted in the background.
 NS=opensds-demo-$(date +%s)
@@ -63,7 +63,7 @@ until (( $(size_kib) > before * 3 / 2 )); do
 done
 step "online expansion: the pod's filesystem grew from ${before} KiB to $(size_kib) KiB"
 
-echo "== OpenSDS is up in $((SECONDS - start)) s (KUBECONFIG=$KUBECONFIG); the demo ran in namespace $NS"
+echo "== OpenSDS is up in $(($(date +%s) - start)) s (KUBECONFIG=$KUBECONFIG); the demo ran in namespace $NS"
 "${K[@]}" get nodes -o wide
 "${K[@]}" get pods -A -o wide
 "${K[@]}" get storagebackends,storageprofiles,storageclass

@@ -115,6 +115,9 @@ state = "$run/containerd"
   sandbox_image = "$SANDBOX_IMAGE"
   # This host's root lacks CAP_SYS_RESOURCE: runc cannot set a negative oom_score_adj.
   restrict_oom_score_adj = true
+  # Pods' network namespaces pinned under the node's state dir, not the host's /run/netns: a
+  # node stopped with its pods still there leaves nothing behind (node down removes the dir).
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
