@@ -283,12 +283,14 @@ def test_sweep_quarantines_only_its_own_orphan_lvs_and_purges_them_later(stack: 
     quarantined = time.monotonic() - started
     assert ours not in _lvs(vg)
     assert "opensds.quarantined=" in _lvs(vg)[f"quarantine-{ours}"]
-    assert any(o.backend_id == ours and o.quarantined_at for o in driver.scan(pool))
+    # When the dock quarantined it, from its own tag: the test sees the rename seconds late under TCG
+    # (each `lvs` poll is slow), and measuring from that sighting failed a correct purge.
+    tagged_at = next(o.quarantined_at for o in driver.scan(pool) if o.backend_id == ours and o.quarantined_at)
     wait(lambda: any(e.startswith("OrphanQuarantined") and ours in e for e in _events(stack.backend, "default")), 60,
          "the OrphanQuarantined Event")
     wait(lambda: not {ours, f"quarantine-{ours}"} & set(_lvs(vg)), 180, "quarantine purged")
     purged = time.monotonic() - started
-    assert purged - quarantined >= 0.002 * 3600 - 2, "purged before the quarantine period was over"
+    assert time.time() - tagged_at >= 0.002 * 3600, "purged before the quarantine period was over"
     time.sleep(8)  # more sweeps
     lvs = _lvs(vg)
     assert {theirs, untagged} <= set(lvs), "the sweep touched what it cannot prove is its garbage"
