@@ -117,7 +117,19 @@ api_ready() {
     "https://127.0.0.1:$API_PORT/readyz" | grep -qx ok
 }
 
+check_ports() { # fixed ports inside the kernel's ephemeral range can be taken by any client socket
+  local low high port
+  read -r low high < /proc/sys/net/ipv4/ip_local_port_range
+  for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$((ETCD_PORT + 20))" "$API_PORT" "$KCM_PORT" "$SCHED_PORT"; do
+    if ((port >= low && port <= high)); then
+      log "port $port is in this machine's ephemeral range ($low-$high): an outgoing connection may hold it; choose ports below $low"
+      exit 1
+    fi
+  done
+}
+
 up() {
+  check_ports
   for c in "${COMPONENTS[@]}"; do
     [[ -x $BIN/$c ]] || { log "bin/$c missing: run 'make tools' first"; exit 1; }
   done
