@@ -29,14 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kubernetes import client, config, watch
+from provision import pct  # bench/ is the script's directory: one percentile for every benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBECONFIG = Path(os.environ.get("OPENSDS_CLUSTER_DIR", ROOT / ".cluster")) / "admin.kubeconfig"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def manifests(i: int, storage_class: str, size: str, image: str) -> tuple[client.V1PersistentVolumeClaim, client.V1Pod]:

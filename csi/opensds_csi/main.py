@@ -69,15 +69,6 @@ def build(args: argparse.Namespace) -> grpc.Server:
     return server
 
 
-def _keep_registration(registrar: Registrar, interval: float = 10.0) -> None:
-    stopped = threading.Event()
-    while not stopped.wait(interval):
-        try:
-            registrar.keep_socket()
-        except OSError:
-            log.exception("could not re-create the registration socket")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="opensds-csi", description=__doc__)
     parser.add_argument("--role", choices=["controller", "node", "all"], required=True,
@@ -121,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         registrar = Registrar(DRIVER_NAME, args.registration_dir, kubelet_path)
         registrar.start()
         checks.append(registrar.healthy)
-        threading.Thread(target=_keep_registration, args=(registrar,), name="registration", daemon=True).start()
+        threading.Thread(target=registrar.keep_registered, args=(threading.Event(),), name="registration",
+                         daemon=True).start()
     if args.health_address:
         health.serve(args.health_address, checks)
 

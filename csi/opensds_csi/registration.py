@@ -89,6 +89,14 @@ class Registrar:
             log.warning("registration socket %s disappeared: re-creating it", self.socket)
             self.start()
 
+    def keep_registered(self, stopped: threading.Event, interval: float = 10.0) -> None:
+        """Until `stopped` is set: re-create the socket whenever it goes (kubelet then registers us again)."""
+        while not stopped.wait(interval):
+            try:
+                self.keep_socket()
+            except OSError:
+                log.exception("could not re-create the registration socket")
+
     def stop(self) -> None:
         with self._lock:
             if self._server is not None:
@@ -116,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     registrar.start()
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    while not stopped.wait(10):
-        registrar.keep_socket()
+    registrar.keep_registered(stopped)
     registrar.stop()
 
 
